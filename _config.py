@@ -1,0 +1,447 @@
+"""app.ini for svcmgr: the one configspec, loading with every problem reported at once, and logging.
+
+Everything else reads settings as cfg['section']['key'] on the ConfigObj that load() returns,
+already converted to its type, with paths absolute and 'auto' resolved.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import logging.handlers
+import os
+import urllib.parse
+
+import configobj
+from configobj.validate import (
+    ValidateError,
+    Validator,
+    VdtTypeError,
+    VdtValueError,
+    VdtValueTooBigError,
+    VdtValueTooSmallError,
+    is_boolean,
+    is_float,
+    is_integer,
+    is_option,
+)
+
+log = logging.getLogger(__name__)
+
+# Every key, once: its check (type, range, default) and why it exists. Relative paths are
+# resolved against the folder of app.ini, never the cwd, because the daemon chdirs when it
+# detaches and start.sh may be run from anywhere.
+CONFIGSPEC = """
+[setting]
+# TEST: every process logs to <log_path>/app.log, handy when debugging; PROD: one file per
+# process, rotated at midnight, 31 days kept.
+mode = option('TEST', 'PROD', default='TEST')
+# Lowest level written to the log files.
+log_level = option('debug', 'info', 'warning', 'error', 'critical', default='info')
+# Folder of the log files; created when missing.
+log_path = path(default='logs')
+# Version reported by Monitor (2003).
+version = string(default='2.0')
+# PacketAgent worker processes; 'auto' = the CPU count.
+worker_processes = workers(min=1, max=64, default='auto')
+# Tasks queued or running at once; the next one is refused with result 6.
+max_tasks = integer(min=1, max=100000, default=100)
+# Deadline of a task (result 5) and of a frame that arrives only in part.
+session_timeout_secs = float(min=0.1, max=86400, default=30)
+# On stop, how long running tasks may finish before they are answered with result 3.
+graceful_timeout_secs = float(min=0, max=3600, default=30)
+# Period of the CPU, memory, disk and process snapshot that Monitor answers from.
+monitor_interval_secs = float(min=0.1, max=3600, default=5)
+# Period of the workers' heartbeats; a worker silent longer than a task deadline is killed.
+heartbeat_secs = float(min=0.1, max=3600, default=2)
+# Pid file of the daemon; lets stop and status find it without grepping ps.
+pidfile = path(default='svcmgr.pid')
+# The daemon's stdout and stderr: start/stop banners and tracebacks nothing else caught.
+psout = path(default='psout.log')
+
+[task]
+# Also write a 64 kbit/s MP3 of each call into audio_target_path.
+mp3_backup = boolean(default=True)
+# Where a scanned file goes when its task fails.
+error_backup_path = path(default='error')
+# Keep the converted WAVs after recognition (disk space against being able to re-run).
+keep_wav = boolean(default=True)
+# What happens to a client's source file after a successful conversion (1.0 deleted it).
+source_after = option('delete', 'keep', default='delete')
+# How many times a task whose worker died is tried again elsewhere before result 9.
+retry_on_worker_death = integer(min=0, max=5, default=1)
+
+[directory]
+# Folder scanned (recursively) for audio files dropped in.
+audio_source_path = path(default='batch')
+# Where converted WAVs and MP3 backups are written.
+audio_target_path = path(default='batch/rec_mp3')
+# Period of the scan; a file is taken once unchanged for one period.
+scan_interval_secs = float(min=0.1, max=86400, default=40)
+# Turn the scanner off to serve TCP clients only.
+scan_enabled = boolean(default=True)
+# Name patterns the scanner leaves alone: files still being copied in.
+scan_ignore = string_list(default=list('*.part', '*.tmp', '~*'))
+# Extensions the scanner takes, without the dot, case-insensitive.
+scan_extensions = string_list(default=list('wav', 'mp3', 'm4a', 'ogg', 'flac', 'wma', 'aac', 'amr', 'pcm'))
+# Domain given to scanned files, which carry no request.
+domain_code = string(default='SG0001')
+domain_name = string(default='SGDefault')
+# Folders a request's paths must resolve into (after following links); empty means
+# audio_source_path, audio_target_path and error_backup_path.
+allowed_roots = path_list(default=list())
+
+[server]
+# Address to listen on (0.0.0.0 = every IPv4 interface).
+ip = ip_address(default='127.0.0.1')
+port = integer(min=1, max=65535, default=9099)
+# Largest frame body accepted; a bigger one is refused before it is read.
+max_packet_bytes = integer(min=1024, max=67108864, default=1048576)
+# Client and engine connections open at once; more are closed on accept.
+max_connections = integer(min=1, max=100000, default=1024)
+# Client networks allowed to connect, in CIDR form (127.0.0.0/8); empty = any.
+allow = cidr_list(default=list())
+# This node's number (serverSeq in 3001 and in records).
+server_seq = integer(min=0, max=1000000, default=1)
+# domainSeq and imageSeq of 3001 when the database does not give them.
+domain_seq = integer(min=0, max=2147483647, default=0)
+image_seq = integer(min=0, max=2147483647, default=0)
+
+[engine]
+# pocketsphinx and vosk run inside the workers; remote waits for engines that log in.
+type = option('pocketsphinx', 'vosk', 'remote', default='pocketsphinx')
+# pocketsphinx: empty = the English model in its wheel; vosk: a model folder or 'ko'.
+model = string(default='')
+# Sample rate of the WAV given to the engine, in Hz; 0 = the engine's own.
+sample_rate = integer(min=0, max=192000, default=0)
+# Engine instances loaded at once (each holds a model in memory).
+engine_slots = integer(min=1, max=1000, default=1)
+# Recognitions running at once across all slots.
+engine_concurrency = integer(min=1, max=10000, default=1)
+
+[webhook]
+# Finished tasks are POSTed here; empty = off.
+url = http_url(default='')
+
+[db]
+# Write a row per task and the status row; off = records files only.
+enabled = boolean(default=False)
+ip = string(default='127.0.0.1')
+port = integer(min=1, max=65535, default=3306)
+user = string(default='root')
+password = string(default='')
+# Name of an environment variable holding the password, so it need not sit in app.ini;
+# used when set and present.
+password_env = string(default='')
+name = string(default='svcmgr')
+"""
+
+_LOG_FORMAT = '%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s'
+
+
+class ConfigError(Exception):
+    """app.ini cannot be used; .problems has one line per problem, ready to print."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        # The list itself is the argument so that the error survives pickling intact.
+        super().__init__(self.problems)
+
+    def __str__(self):
+        return '\n'.join(self.problems)
+
+
+class _Problem(ValidateError):
+    """A check failure whose message is complete, so the report needs no second guess."""
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return '[section]'
+    if isinstance(value, (list, tuple)):
+        return ', '.join(str(item) for item in value)
+    return str(value)
+
+
+def _the(value) -> str:
+    return f'the value "{_show(value)}"'
+
+
+def _ranged(check, expected, value, min=None, max=None):
+    # The stock messages say "too small" without saying what would have been enough.
+    try:
+        return check(value, min, max)
+    except VdtTypeError:
+        raise _Problem(f'{_the(value)} is of the wrong type (expected {expected})') from None
+    except VdtValueTooSmallError:
+        raise _Problem(f'{_the(value)} is too small (minimum {min})') from None
+    except VdtValueTooBigError:
+        raise _Problem(f'{_the(value)} is too big (maximum {max})') from None
+
+
+def _integer(value, min=None, max=None):
+    return _ranged(is_integer, 'an integer', value, min, max)
+
+
+def _float(value, min=None, max=None):
+    return _ranged(is_float, 'a number', value, min, max)
+
+
+def _boolean(value):
+    try:
+        return is_boolean(value)
+    except VdtTypeError:
+        raise _Problem(f'{_the(value)} is of the wrong type (expected true or false)') from None
+
+
+def _option(value, *options):
+    try:
+        return is_option(value, *options)
+    except (VdtTypeError, VdtValueError):
+        raise _Problem(f'{_the(value)} is not allowed (expected one of: {", ".join(options)})') from None
+
+
+def _string(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        # configobj splits an unquoted value at commas; a password with one is the usual victim.
+        raise _Problem(f'{_the(value)} is a list (expected one value; put it in quotes'
+                       ' if it contains a comma)')
+    raise _Problem(f'{_the(value)} is of the wrong type (expected a string)')
+
+
+def _string_list(value):
+    # configobj only makes a list of a value with a comma in it; "allow = 10.0.0.0/8" and
+    # "allow =" must mean a list of one and an empty list, not a type error.
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        items = list(value)
+    else:
+        raise _Problem(f'{_the(value)} is of the wrong type (expected a comma-separated list)')
+    return [item.strip() for item in items if item.strip()]
+
+
+def _workers(value, min=None, max=None):
+    if isinstance(value, str) and value.strip().lower() == 'auto':
+        return 'auto'
+    return _ranged(is_integer, '"auto" or an integer', value, min, max)
+
+
+def _ip_address(value):
+    text = _string(value).strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise _Problem(f'{_the(value)} is not an IPv4 or IPv6 address') from None
+    return text
+
+
+def _cidr_list(value):
+    networks, bad = [], []
+    for item in _string_list(value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            bad.append(item)
+    if bad:
+        raise _Problem(f'{_the(bad)} is not a network in CIDR form (e.g. 127.0.0.0/8)')
+    return networks
+
+
+def _http_url(value):
+    text = _string(value).strip()
+    if not text:
+        return text
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ('http', 'https') or not parts.hostname:
+        raise _Problem(f'{_the(value)} is not an http:// or https:// URL')
+    return text
+
+
+def _validator(base: str) -> Validator:
+    """A Validator whose path checks resolve against base, the folder of app.ini."""
+
+    def absolute(text: str) -> str:
+        return os.path.normpath(os.path.join(base, os.path.expanduser(text.strip())))
+
+    def path(value):
+        text = _string(value)
+        if not text.strip():
+            raise _Problem('the value is empty (expected a path)')
+        return absolute(text)
+
+    def path_list(value):
+        # realpath, because requests are checked against these after following links.
+        return list(dict.fromkeys(os.path.realpath(absolute(item)) for item in _string_list(value)))
+
+    return Validator({
+        'integer': _integer,
+        'float': _float,
+        'boolean': _boolean,
+        'option': _option,
+        'string': _string,
+        'string_list': _string_list,
+        'workers': _workers,
+        'ip_address': _ip_address,
+        'cidr_list': _cidr_list,
+        'http_url': _http_url,
+        'path': path,
+        'path_list': path_list,
+    })
+
+
+def _syntax_problem(name: str, error: configobj.ConfigObjError) -> str:
+    line = (getattr(error, 'line', '') or '').strip()
+    if isinstance(error, configobj.DuplicateError):
+        what = 'duplicate section' if line.startswith('[') else 'duplicate key'
+    elif isinstance(error, configobj.NestingError):
+        what = 'section nested deeper than its parent'
+    elif str(error).startswith('Invalid line'):
+        what = 'neither "key = value" nor "[section]"'
+    else:
+        what = str(error).split(' at line ')[0].rstrip('.').lower()
+    return f'{name} line {getattr(error, "line_number", "?")}: {what}: {line}'
+
+
+def _where(sections, key) -> str:
+    place = f"[{'.'.join(sections)}]" if sections else ''
+    return ' '.join(part for part in (place, key) if part)
+
+
+def _spec_has_section(spec, sections, key) -> bool:
+    for name in sections:
+        spec = spec[name]
+    return key in spec.sections
+
+
+def _shadowing_sections(name: str, section, spec, sections=()) -> list[str]:
+    """Report, and drop, subsections named like a key: configobj's validate() crashes on them."""
+    problems = []
+    for key in list(section.sections):
+        if key in spec.scalars:
+            problems.append(f'{name} {_where(sections, key)}: is a [[section]], expected a key')
+            del section[key]
+        elif key in spec.sections:
+            problems += _shadowing_sections(name, section[key], spec[key], sections + (key,))
+    return problems
+
+
+def _validation_problems(name: str, cfg: configobj.ConfigObj, result) -> list[str]:
+    problems = []
+    for sections, key, error in configobj.flatten_errors(cfg, result):
+        if isinstance(error, _Problem):
+            what = str(error)
+        elif error is False:
+            what = 'missing'
+        elif key is not None and _spec_has_section(cfg.configspec, sections, key):
+            what = 'is a key, expected a [section]'
+        else:
+            what = str(error)
+        problems.append(f'{name} {_where(sections, key)}: {what}')
+
+    extras = list(configobj.get_extra_values(cfg))
+    if 'DEFAULT' in cfg.sections:
+        # configobj's validate() passes over a top-level DEFAULT section silently.
+        extras.append(((), 'DEFAULT'))
+    for sections, key in extras:
+        section = cfg
+        for part in sections:
+            section = section[part]
+        if key in section.sections:
+            problems.append(f'{name} {_where(list(sections) + [key], None)}: unknown section')
+        elif sections:
+            problems.append(f'{name} {_where(sections, key)}: unknown key')
+        else:
+            problems.append(f'{name} {key}: unknown key (keys belong under a [section])')
+    return problems
+
+
+def load(path: str) -> configobj.ConfigObj:
+    """Read and validate app.ini; raise ConfigError listing every problem found."""
+    path = os.path.abspath(path)
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise ConfigError([f'{name}: no such file: {path}'])
+    try:
+        cfg = configobj.ConfigObj(
+            path, configspec=CONFIGSPEC.splitlines(), file_error=True, encoding='utf-8',
+            # A password with % or $ in it must reach the database as written.
+            interpolation=False)
+    except configobj.ConfigObjError as exc:
+        raise ConfigError([_syntax_problem(name, error) for error in exc.errors]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f'{name}: not UTF-8 text (byte {exc.start}): {path}']) from None
+    except OSError as exc:
+        raise ConfigError([f'{name}: cannot read {path}: {exc.strerror or exc}']) from None
+
+    problems = _shadowing_sections(name, cfg, cfg.configspec)
+    result = cfg.validate(_validator(os.path.dirname(path)), preserve_errors=True)
+    problems += _validation_problems(name, cfg, result)
+    if problems:
+        raise ConfigError(problems)
+
+    setting = cfg['setting']
+    if setting['worker_processes'] == 'auto':
+        setting['worker_processes'] = os.cpu_count() or 1
+    directory = cfg['directory']
+    if not directory['allowed_roots']:
+        roots = (directory['audio_source_path'], directory['audio_target_path'],
+                 cfg['task']['error_backup_path'])
+        directory['allowed_roots'] = list(dict.fromkeys(os.path.realpath(root) for root in roots))
+    db = cfg['db']
+    if db['password_env'] and db['password_env'] in os.environ:
+        db['password'] = os.environ[db['password_env']]
+    return cfg
+
+
+def base_dir(cfg: configobj.ConfigObj) -> str:
+    """The folder of the loaded app.ini, against which its relative paths were resolved."""
+    return os.path.dirname(os.path.abspath(cfg.filename))
+
+
+def setup_logging(cfg: configobj.ConfigObj, name: str) -> None:
+    """Point the root logger at this process's log file; a forked child calls it again."""
+    setting = cfg['setting']
+    log_path = setting['log_path']
+    os.makedirs(log_path, exist_ok=True)
+    if setting['mode'] == 'TEST':
+        handler = logging.FileHandler(os.path.join(log_path, 'app.log'), mode='a', encoding='utf-8')
+    else:
+        # One file per process name, so no two processes ever rotate the same file.
+        handler = logging.handlers.TimedRotatingFileHandler(
+            os.path.join(log_path, f'{name}.log'), when='midnight', backupCount=31,
+            encoding='utf-8')
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+
+    root = logging.getLogger()
+    # Handlers inherited over fork would keep writing to the parent's file.
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, setting['log_level'].upper()))
+
+
+def reopen_logs() -> None:
+    """Reopen every log file by name (SIGUSR1), so a file moved away by logrotate is recreated."""
+    failed = []
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        try:
+            os.makedirs(os.path.dirname(handler.baseFilename), exist_ok=True)
+            stream = open(handler.baseFilename, 'a', encoding=handler.encoding,
+                          errors=handler.errors)
+        except OSError as exc:
+            # Losing the log is worse than writing to the moved file: keep the old stream.
+            failed.append((handler.baseFilename, exc))
+            continue
+        old = handler.setStream(stream)
+        if old is not None:
+            old.close()
+    for filename, exc in failed:
+        log.error('cannot reopen %s, still writing to the old file: %s', filename, exc)

@@ -1,0 +1,270 @@
+"""The PacketAgent worker process: takes one job at a time from its pipe to the
+master, opens the source safely, prepares the audio with PyAV, runs the engine
+channel by channel and sends progress and the result back.
+"""
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import time
+
+import _audio
+import _config
+from _states import Result, State
+
+log = logging.getLogger('worker')
+
+# Words of one channel further apart than this start a new line in a stereo transcript.
+UTTERANCE_GAP_SECS = 0.8
+PR_SET_PDEATHSIG = 1
+
+
+class JobError(Exception):
+    """A job that ends before recognition, with its state and result."""
+
+    def __init__(self, state, result, message):
+        super().__init__(message)
+        self.state, self.result, self.message = state, result, message
+
+
+def inside(path, roots):
+    """True when the absolute, resolved `path` is one of `roots` or below one."""
+    return any(path == root or path.startswith(root.rstrip('/') + '/') for root in roots)
+
+
+def open_source(candidates, roots):
+    """Open the first existing candidate and return (fd, resolved path).
+
+    The check runs on the file actually opened (/proc/self/fd), so a symlink
+    swapped after the master's check cannot lead outside the roots.
+    """
+    for path in candidates:
+        try:
+            # O_NONBLOCK: a FIFO planted as the source must not hang the worker.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise JobError(State.NOFILE_ID, Result.NOT_FOUND,
+                           'fileID cannot be opened: %s (%s)' % (path, exc.strerror)) from exc
+        real = os.readlink('/proc/self/fd/%d' % fd)
+        if not inside(real, roots):
+            os.close(fd)
+            raise JobError(State.ERROR, Result.BAD_REQUEST,
+                           'the audio file resolves outside the allowed roots: %s' % path)
+        if not _is_regular(fd):
+            os.close(fd)
+            raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID is not a regular file: %s' % path)
+        return fd, real
+    raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID not found: %s' % candidates[0])
+
+
+def _is_regular(fd):
+    import stat
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def merge_channels(recognitions):
+    """One transcript for a stereo call: utterances of A and B as lines in time order."""
+    lines = []
+    for label, rec in recognitions:
+        utterance, last_end = [], None
+        for w in rec.words:
+            if utterance and w.start - last_end > UTTERANCE_GAP_SECS:
+                lines.append((utterance[0].start, label, utterance))
+                utterance = []
+            utterance.append(w)
+            last_end = w.end
+        if utterance:
+            lines.append((utterance[0].start, label, utterance))
+        if not rec.words and rec.text:
+            lines.append((0.0, label, None))
+    lines.sort(key=lambda item: (item[0], item[1]))
+    out = []
+    for _, label, words in lines:
+        text = ' '.join(w.word for w in words) if words is not None else dict(recognitions)[label].text
+        out.append('%s: %s' % (label, text))
+    return '\n'.join(out)
+
+
+class PacketAgent:
+    """One worker: the loop over jobs from the master's pipe."""
+
+    def __init__(self, worker_id, hb_index, conn, engine, cfg, heartbeats, master_pid, close_fds=()):
+        self.close_fds = close_fds
+        self.id = worker_id
+        self.hb_index = hb_index
+        self.conn = conn
+        self.engine = engine
+        self.cfg = cfg
+        self.heartbeats = heartbeats
+        self.master_pid = master_pid
+        self.stopping = False
+        self.reopen = False
+        self.name = 'worker-%d' % worker_id
+
+    def beat(self):
+        self.heartbeats[self.hb_index] = time.monotonic()
+
+    def send(self, *msg):
+        self.conn.send(msg)
+
+    def run(self):
+        # The master's sockets and other workers' pipes came along with the fork:
+        # holding them would keep client connections and the port open after the master closes them.
+        for fd in self.close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _set_proc_title('svcmgr: worker %d' % self.id)
+        _config.setup_logging(self.cfg, self.name)
+        self._signals()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            # The master's death must not leave us running (SIGKILL of the master).
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            log.warning('%s: prctl(PR_SET_PDEATHSIG) unavailable', self.name)
+        if os.getppid() != self.master_pid:
+            return
+        self.engine.open()
+        log.info('%s: ready (pid %d)', self.name, os.getpid())
+        hb = float(self.cfg['setting']['heartbeat_secs'])
+        while not self.stopping:
+            self.beat()
+            if self.reopen:
+                self.reopen = False
+                _config.reopen_logs()
+            if os.getppid() != self.master_pid:
+                log.warning('%s: master is gone, exiting', self.name)
+                return
+            try:
+                if not self.conn.poll(hb):
+                    continue
+                job = self.conn.recv()
+            except (EOFError, OSError):
+                log.info('%s: pipe to master closed, exiting', self.name)
+                return
+            except InterruptedError:
+                continue
+            if job is None:
+                break
+            self.beat()
+            self.handle(job)
+        log.info('%s: stopped', self.name)
+
+    def _signals(self):
+        def term(signum, frame):
+            # Finish the job in hand, then leave (graceful stop, reload).
+            self.stopping = True
+        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda s, f: setattr(self, 'reopen', True))
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def handle(self, job):
+        sid = job['speechID']
+        tag = '%s speechID=%s' % (self.name, sid)
+        try:
+            outcome = self.process(job, tag)
+        except JobError as exc:
+            log.warning('%s: %s', tag, exc.message)
+            outcome = {'state': exc.state, 'result': exc.result, 'message': exc.message}
+        except _audio.AudioError as exc:
+            log.warning('%s: %s', tag, exc.message)
+            outcome = {'state': exc.state, 'result': exc.result, 'message': exc.message}
+            self.backup_failed_source(job, tag, exc.message)
+        except Exception as exc:  # the one catch-all of this loop: an engine failure must not kill us
+            log.error('%s: engine failed: %s', tag, exc, exc_info=True)
+            outcome = {'state': State.ERROR, 'result': Result.ERROR, 'message': 'engine failed: %s' % exc}
+        outcome['state'] = str(outcome['state'])
+        outcome['result'] = str(outcome['result'])
+        self.send('done', sid, outcome)
+
+    def process(self, job, tag):
+        sid = job['speechID']
+        self.send('state', sid, str(State.CONVERT))
+        fd, real = open_source(job['candidates'], job['roots'])
+        job['_real'] = real
+        try:
+            prepared = _audio.prepare('/proc/self/fd/%d' % fd, self.engine.sample_rate,
+                                      audio_path=job['audioPath'], stem=job['stem'],
+                                      mp3_backup=job['mp3_backup'],
+                                      max_seconds=job.get('max_seconds', 4 * 3600))
+        finally:
+            os.close(fd)
+        log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, real, prepared.duration,
+                 prepared.source_channels, ', dual mono' if prepared.dual_mono else '')
+        self.beat()
+        self.send('state', sid, str(State.RECOGNIZE))
+        labels = 'AB'
+        recognitions = []
+        for i, pcm in enumerate(prepared.engine_pcm):
+            recognitions.append((labels[i], self.engine.recognize(pcm)))
+            self.beat()
+        del prepared.engine_pcm[:]
+        if len(recognitions) == 1:
+            transcript = recognitions[0][1].text
+        else:
+            transcript = merge_channels(recognitions)
+        self.cleanup_after_success(job, prepared, real, tag)
+        return {
+            'state': State.DONE, 'result': Result.OK,
+            'transcript': transcript,
+            'channels': [{'channel': label, 'transcript': rec.text} for label, rec in recognitions],
+            'duration': round(prepared.duration, 3),
+            'sourceChannels': prepared.source_channels,
+            'audioWAV': prepared.audio_wav,
+            'audioMP3': prepared.audio_mp3,
+        }
+
+    def cleanup_after_success(self, job, prepared, real, tag):
+        if not job['keep_wav']:
+            for name in [prepared.audio_wav] + list(prepared.channel_files):
+                _unlink(os.path.join(job['audioPath'], name), tag)
+        if job['source_after'] == 'delete' and not job['keep_source']:
+            _unlink(real, tag)
+
+    def backup_failed_source(self, job, tag, reason):
+        """1.0 moved a source that failed conversion into error_backup_path."""
+        real = job.get('_real')
+        if not real or job['keep_source'] or job['source_after'] != 'delete':
+            return
+        dest_dir = job['error_backup_path']
+        name = os.path.basename(real)
+        try:
+            os.makedirs(dest_dir, exist_ok=True)
+            dest = os.path.join(dest_dir, name)
+            if os.path.lexists(dest):
+                dest = os.path.join(dest_dir, '%s_%s' % (job['speechID'], name))
+            shutil.move(real, dest)
+            with open(dest + '.reason', 'w', encoding='utf-8') as f:
+                f.write(reason + '\n')
+            log.info('%s: moved failed source to %s', tag, dest)
+        except OSError as exc:
+            log.error('%s: could not move failed source %s to %s: %s', tag, real, dest_dir, exc)
+
+
+def _unlink(path, tag):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning('%s: could not remove %s: %s', tag, path, exc)
+
+
+def _set_proc_title(title):
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+def main(worker_id, hb_index, conn, engine, cfg, heartbeats, master_pid, close_fds=()):
+    """Entry point of the worker process (multiprocessing target)."""
+    PacketAgent(worker_id, hb_index, conn, engine, cfg, heartbeats, master_pid, close_fds).run()

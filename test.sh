@@ -1,0 +1,17 @@
+#!/bin/sh
+# Runs the whole test suite: installs what the tests need (.venv with the pinned
+# test requirements, a running MariaDB), then pytest. Extra arguments go to pytest.
+cd "$(dirname "$0")" || exit 1
+./bootstrap.sh requirements-test.txt || exit 1
+if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 3306), 2)" 2>/dev/null; then
+    if [ -x /usr/sbin/mariadbd ]; then
+        start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+    fi
+fi
+.venv/bin/python -m pytest "$@"
+code=$?
+if [ "$code" = 5 ]; then
+    echo "test.sh: pytest collected no tests; that is a failure" >&2
+    exit 1
+fi
+exit $code

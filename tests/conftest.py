@@ -1,0 +1,267 @@
+"""Shared test harness: a real svcmgr daemon on a free port in a temporary folder,
+a blocking protocol client, and waiting on conditions with deadlines."""
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+sys.path.insert(0, ROOT)
+
+from _packet import FrameDecoder, encode  # noqa: E402
+
+
+def wait_for(predicate, timeout=30.0, what='condition', interval=0.05):
+    """Poll `predicate` until it returns a true value; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out after %.1f s waiting for %s' % (timeout, what))
+        time.sleep(interval)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def expected_texts():
+    with open(os.path.join(FIXTURES, 'fixtures.json'), encoding='utf-8') as f:
+        return json.load(f)
+
+
+class Client:
+    """A blocking protocol client that reads whole frames by their length."""
+
+    def __init__(self, port, host='127.0.0.1', timeout=60):
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.timeout = timeout
+        self.decoder = FrameDecoder(64 << 20)
+        self.frames = []
+
+    def send(self, ptype, body):
+        self.sock.sendall(encode(ptype, body))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def recv(self, timeout=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while not self.frames:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError('no frame within %s s' % (timeout or self.timeout))
+            self.sock.settimeout(left)
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise ConnectionError('connection closed by the daemon')
+            self.frames.extend(self.decoder.feed(data))
+        ptype, body = self.frames.pop(0)
+        try:
+            return ptype, json.loads(body.decode('utf-8'))
+        except ValueError:
+            return ptype, body.decode('utf-8')
+
+    def recv_n(self, n, timeout=None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        return [self.recv(max(0.01, deadline - time.monotonic())) for _ in range(n)]
+
+    def closed_by_peer(self, timeout=10):
+        """True when the daemon closes the connection within `timeout` (no frame expected)."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    return True
+                self.frames.extend(self.decoder.feed(data))
+        except socket.timeout:
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+
+INI_TEMPLATE = """
+[setting]
+mode = TEST
+log_level = debug
+log_path = logs
+worker_processes = {workers}
+max_tasks = {max_tasks}
+session_timeout_secs = {timeout}
+graceful_timeout_secs = {graceful}
+monitor_interval_secs = 0.5
+heartbeat_secs = 0.5
+[task]
+mp3_backup = {mp3}
+error_backup_path = error
+keep_wav = true
+source_after = {source_after}
+[directory]
+audio_source_path = batch
+audio_target_path = batch/rec_mp3
+scan_interval_secs = 1
+scan_enabled = false
+allowed_roots = {roots}
+[server]
+ip = 127.0.0.1
+port = {port}
+max_connections = {max_connections}
+[engine]
+type = pocketsphinx
+"""
+
+
+class Daemon:
+    """A real svcmgr daemon in its own folder, started and stopped with svcmgr.py."""
+
+    def __init__(self, base, **opts):
+        self.base = str(base)
+        self.port = free_port()
+        self.opts = dict(workers=2, max_tasks=100, timeout=60, graceful=10, mp3='false',
+                         source_after='keep', max_connections=1024, roots='batch, data', port=self.port)
+        self.opts.update(opts)
+        self.ini = os.path.join(self.base, 'app.ini')
+        self.batch = os.path.join(self.base, 'batch')
+        self.data = os.path.join(self.base, 'data')
+        os.makedirs(self.data, exist_ok=True)
+        self.write_ini()
+
+    def write_ini(self, extra=''):
+        with open(self.ini, 'w') as f:
+            f.write(INI_TEMPLATE.format(**self.opts) + extra)
+
+    def cli(self, *args, timeout=120, check=False):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'svcmgr.py'), '-c', self.ini] + list(args),
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError('svcmgr %s failed (%d): %s %s' % (args, proc.returncode, proc.stdout, proc.stderr))
+        return proc
+
+    def start(self):
+        self.cli('start', check=True)
+        return self
+
+    @property
+    def pid(self):
+        try:
+            with open(os.path.join(self.base, 'svcmgr.pid')) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def processes(self):
+        """The master and all its descendants."""
+        pid = self.pid
+        if pid is None:
+            return []
+        try:
+            master = psutil.Process(pid)
+            return [master] + master.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def workers(self):
+        out = []
+        for p in self.processes()[1:]:
+            try:
+                if p.cmdline() and p.cmdline()[0].startswith('svcmgr: worker'):
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def stop(self):
+        procs = self.processes()
+        if not procs:
+            return
+        self.cli('stop', timeout=180)
+        gone, alive = psutil.wait_procs(procs, timeout=30)
+        for p in alive:
+            p.kill()
+        assert not alive, 'processes left after stop: %s' % alive
+
+    def client(self, **kw):
+        return Client(self.port, **kw)
+
+    def records(self):
+        out = []
+        for path in sorted(glob.glob(os.path.join(self.base, 'records', '*.json'))):
+            with open(path, encoding='utf-8') as f:
+                out.extend(json.loads(line) for line in f if line.strip())
+        return out
+
+    def wait_records(self, n, timeout=60):
+        return wait_for(lambda: len(self.records()) >= n and self.records(), timeout, '%d records' % n)
+
+    def log_text(self):
+        path = os.path.join(self.base, 'logs', 'app.log')
+        try:
+            with open(path, encoding='utf-8', errors='replace') as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
+
+    def psout(self):
+        try:
+            with open(os.path.join(self.base, 'psout.log'), encoding='utf-8', errors='replace') as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
+
+    def fixture(self, name, dest=None, folder=None):
+        """Copy a fixture into the daemon's data folder; returns (folder, file name)."""
+        folder = folder or self.data
+        os.makedirs(folder, exist_ok=True)
+        dest = dest or name
+        shutil.copy(os.path.join(FIXTURES, name), os.path.join(folder, dest))
+        return folder, dest
+
+
+def transcribe_req(folder, name, sid=None, **extra):
+    req = {'filePath': folder, 'fileID': name, 'fileName': name, 'domainName': 'SGDefault', 'domainCode': 'SG0001'}
+    if sid:
+        req['speechID'] = sid
+    req.update(extra)
+    return req
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    made = []
+
+    def make(**opts):
+        d = Daemon(tmp_path / ('d%d' % len(made)), **opts)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        try:
+            d.stop()
+        finally:
+            for p in d.processes():
+                try:
+                    p.send_signal(signal.SIGKILL)
+                except psutil.NoSuchProcess:
+                    pass
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    return make_daemon().start()
