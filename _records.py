@@ -11,6 +11,9 @@ import time
 
 log = logging.getLogger('records')
 
+# What the reporter hands each sink: a task was accepted, moved to another state, or ended.
+ACCEPTED, STATE, FINAL = 'accepted', 'state', 'final'
+
 
 def stamp(t=None):
     """Local time as PROTOCOL.md writes it: YYYY.MM.DD HH:MM:SS.ffffff."""
@@ -35,7 +38,9 @@ class RecordsFile:
             self.day = day
         return self.fh
 
-    def handle(self, record):
+    def handle(self, event, record):
+        if event != FINAL:
+            return
         line = json.dumps(record, ensure_ascii=False, separators=(', ', ': ')) + '\n'
         try:
             fh = self._file(time.time())
@@ -65,24 +70,26 @@ class Reporter(threading.Thread):
         self.q = queue.Queue()
         self.written = 0
 
-    def submit(self, record):
-        self.q.put(record)
+    def submit(self, event, payload):
+        """Queue an event for the sinks: (ACCEPTED, task dict), (STATE, dict), (FINAL, record)."""
+        self.q.put((event, payload))
 
     def depth(self):
         return self.q.qsize()
 
     def run(self):
         while True:
-            record = self.q.get()
-            if record is None:
+            item = self.q.get()
+            if item is None:
                 break
+            event, payload = item
             for sink in self.sinks:
                 try:
-                    sink.handle(record)
+                    sink.handle(event, payload)
                 except Exception:  # one catch-all: a failing sink must not stop the others
-                    log.error('sink %s failed on speechID=%s', type(sink).__name__,
-                              record.get('data', {}).get('speechID'), exc_info=True)
-            self.written += 1
+                    log.error('sink %s failed on %s event', type(sink).__name__, event, exc_info=True)
+            if event == FINAL:
+                self.written += 1
         for sink in self.sinks:
             close = getattr(sink, 'close', None)
             if close:

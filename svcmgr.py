@@ -212,10 +212,12 @@ class Master:
                 continue
             if kind == 'state':
                 new = State(msg[2])
-                if can_move(task.state, new):
+                if can_move(task.state, new) and new != task.state:
                     if task.state == State.INIT:
                         task.mark(Mark.WORKER_GET)
                     task.state = new
+                    self.reporter.submit(_records.STATE, {'speechID': sid, 'state': new.value,
+                                                          'worker': slot.number, 'at': time.time()})
             elif kind == 'done':
                 slot.task = None
                 slot.done += 1
@@ -519,6 +521,10 @@ class Master:
             conn.tasks.add(sid)
         self.pending.append(sid)
         self.counters['accepted'] += 1
+        self.reporter.submit(_records.ACCEPTED, {
+            'speechID': sid, 'source': source.value, 'state': task.state.value,
+            'startTime': _records.stamp(task.created), 'created': task.created,
+            'request': {k: v for k, v in req.items() if k != 'speechID'}, 'audioPath': job['audioPath']})
         log.info('master: speechID=%s accepted from %s (%s)', sid, conn.name if conn else source, job['candidates'][0])
         return None
 
@@ -585,7 +591,7 @@ class Master:
         level = logging.INFO if result == Result.OK else logging.WARNING
         log.log(level, 'master: speechID=%s ended %s/%s%s', task.speech_id, state.value, result.value,
                 ': ' + outcome['message'] if outcome.get('message') else '')
-        self.reporter.submit(self.record(task, outcome, state, result))
+        self.reporter.submit(_records.FINAL, self.record(task, outcome, state, result))
 
     def response(self, task, outcome, state, result):
         if result == Result.OK:

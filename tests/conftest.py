@@ -265,3 +265,24 @@ def make_daemon(tmp_path):
 @pytest.fixture
 def daemon(make_daemon):
     return make_daemon().start()
+
+
+def long_wav(path, seconds):
+    """A WAV of real speech about `seconds` long: the fixture phrases one after another."""
+    import wave
+    frames, params = [], None
+    names = sorted(n for n in os.listdir(FIXTURES) if n.startswith('en_') and n.endswith('.wav'))
+    total = 0
+    while total < seconds * 8000:
+        for name in names:
+            with wave.open(os.path.join(FIXTURES, name)) as w:
+                params = w.getparams()
+                data = w.readframes(w.getnframes())
+            frames.append(data)
+            total += len(data) // 2
+            if total >= seconds * 8000:
+                break
+    with wave.open(str(path), 'wb') as out:
+        out.setparams(params)
+        out.writeframes(b''.join(frames))
+    return str(path)
