@@ -100,9 +100,25 @@ class PocketSphinxEngine(Engine):
         return Recognition(text, words)
 
 
+class RemoteEngine(Engine):
+    """The legacy engine (sgsas_lstm) that logs in over the protocol (1001) and is
+    sent Recognize requests (3001) by the master. Workers only prepare the audio."""
+    name = 'sttengine'
+    embedded = False
+    sample_rate = 8000
+
+    def recognize(self, pcm):
+        raise EngineError('the remote engine is driven by the master, not by workers')
+
+    def describe(self):
+        return {'type': 'remote'}
+
+
 def make_engine(cfg):
     """The engine app.ini asks for (not yet loaded)."""
     kind = cfg['engine']['type']
     if kind == 'pocketsphinx':
         return PocketSphinxEngine(cfg['engine']['model'])
+    if kind == 'remote':
+        return RemoteEngine()
     raise EngineError('engine type %r is not available in this build' % kind)

@@ -199,6 +199,15 @@ class PacketAgent:
         log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, real, prepared.duration,
                  prepared.source_channels, ', dual mono' if prepared.dual_mono else '')
         self.beat()
+        if not self.engine.embedded:
+            # A remote engine reads the prepared files; the master sends it the 3001.
+            if job['source_after'] == 'delete' and not job['keep_source']:
+                _unlink(real, tag)
+            return {
+                'state': State.RECOGNIZE, 'result': Result.OK, 'prepared': True,
+                'channels': prepared.source_channels, 'duration': round(prepared.duration, 3),
+                'audioWAV': prepared.audio_wav, 'audioMP3': prepared.audio_mp3,
+            }
         self.send('state', sid, str(State.RECOGNIZE))
         labels = 'AB'
         recognitions = []

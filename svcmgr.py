@@ -55,6 +55,7 @@ class Conn:
     partial_since: float = None
     closing: bool = False
     closed: bool = False
+    engine: object = None     # EngineConn once a remote engine logged in on this connection
 
     @property
     def name(self):
@@ -77,6 +78,9 @@ class Task:
     worker: int = None
     attempts: int = 0
     disconnected: bool = False
+    engine: object = None     # the EngineConn that holds this task's 3001
+    prepared: dict = None     # the worker's prepared files, for the 3001
+    seq: int = None
 
     def mark(self, what, now=None):
         now = time.monotonic() if now is None else now
@@ -95,6 +99,19 @@ class WorkerSlot:
     retiring: bool = False
     done: int = 0
     killed_reason: str = None
+
+
+@dataclass(eq=False)
+class EngineConn:
+    """A remote engine logged in over the protocol (1001) on `conn`."""
+    conn: Conn
+    login_time: float
+    inflight: dict = field(default_factory=dict)   # speechID -> monotonic time of its 3001
+    answered: int = 0
+
+    @property
+    def key(self):
+        return 'sttengine@%s' % self.conn.name
 
 
 # ---------------------------------------------------------------- master
@@ -127,6 +144,10 @@ class Master:
         self.pid = os.getpid()
         self.reporter = None
         self.monitor = None
+        self.engines = {}             # Conn -> EngineConn (remote engine only)
+        self.engine_queue = collections.deque()   # speechIDs prepared, waiting for a free engine
+        self.recently_ended = collections.OrderedDict()   # speechID -> final state, to explain late 4001s
+        self.seq_day, self.seq = None, 0
         self._apply_cfg()
 
     def _apply_cfg(self):
@@ -140,6 +161,8 @@ class Master:
         self.roots = [os.path.realpath(r) for r in c['directory']['allowed_roots']]
         self.allow = [ipaddress.ip_network(n, strict=False) for n in c['server']['allow']]
         self.n_workers = int(c['setting']['worker_processes'])
+        self.engine_slots = int(c['engine']['engine_slots'])
+        self.engine_concurrency = int(c['engine']['engine_concurrency'])
 
     # ------------------------------------------------------------ start-up
 
@@ -221,7 +244,10 @@ class Master:
             elif kind == 'done':
                 slot.task = None
                 slot.done += 1
-                self.end_task(task, msg[2])
+                if msg[2].get('prepared'):
+                    self.to_engine(task, msg[2])
+                else:
+                    self.end_task(task, msg[2])
                 if slot.retiring:
                     self._retire(slot)
 
@@ -438,6 +464,8 @@ class Master:
             conn.sock.close()
         except OSError:
             pass
+        if conn.engine is not None:
+            self.engine_lost(conn.engine)
         for sid in conn.tasks:
             task = self.tasks.get(sid)
             if task is not None:
@@ -461,6 +489,8 @@ class Master:
             self.on_monitor(conn, body)
         elif ptype == Type.LOGIN:
             self.on_login(conn, body)
+        elif ptype == Type.RECOGNIZE_RESP and conn.engine is not None:
+            self.on_recognized(conn, body)
         elif 1000 <= ptype < 2000:
             log.warning('master: %s: unsupported packet type %d', conn.name, ptype)
             self.send(conn, ptype + 1000, {'result': str(Result.UNSUPPORTED),
@@ -468,11 +498,140 @@ class Master:
         else:
             log.warning('master: %s: unexpected packet type %d (%d bytes) ignored', conn.name, ptype, len(body))
 
+    # ------------------------------------------------------------ remote engines
+
     def on_login(self, conn, body):
-        # Embedded engines take no engine logins.
-        log.warning('master: %s: engine login %r refused: this node runs the embedded %s engine',
-                    conn.name, body[:64], self.engine.name)
-        self.send(conn, Type.LOGIN_RESP, str(Result.UNSUPPORTED))
+        name = body.decode('utf-8', 'replace').strip().strip('\x00')
+        if self.engine.embedded:
+            code = Result.UNSUPPORTED
+            why = 'this node runs the embedded %s engine' % self.engine.name
+        elif name != 'sttengine':
+            code, why = Result.UNSUPPORTED, 'unknown engine name'
+        elif conn.engine is not None or len(self.engines) >= self.engine_slots:
+            code, why = Result.ALREADY_CONNECTED, 'all %d engine slot(s) are taken' % self.engine_slots
+        else:
+            code, why = Result.OK, None
+        if code != Result.OK:
+            log.warning('master: %s: engine login %r refused with %s: %s', conn.name, name[:64], code.value, why)
+            self.send(conn, Type.LOGIN_RESP, code.value)
+            return
+        conn.engine = EngineConn(conn, time.time())
+        conn.kind = 'engine'
+        self.engines[conn] = conn.engine
+        log.info('master: engine %s logged in (%d of %d slot(s))', conn.name, len(self.engines), self.engine_slots)
+        self.send(conn, Type.LOGIN_RESP, Result.OK.value)
+        self.engine_changed()
+        self.dispatch_engine()
+
+    def engine_changed(self):
+        """Tell whoever cares that engine availability may have changed (hook for the scanner)."""
+        notify = getattr(self, 'notify_engine', None)
+        if notify:
+            notify(self.engine_available())
+
+    def next_seq(self):
+        """The per-day task counter sent as seq in 3001 when no database gives a row id."""
+        day = time.strftime('%Y%m%d')
+        if day != self.seq_day:
+            self.seq_day = day
+            self.seq = last_seq(os.path.join(_config.base_dir(self.cfg), 'records'), day)
+        self.seq += 1
+        return self.seq
+
+    def to_engine(self, task, prepared):
+        """A worker prepared the audio of a remote-engine task: queue its 3001."""
+        task.prepared = prepared
+        if not self.engines:
+            self.end_task(task, {'state': State.ERROR, 'result': Result.UNAVAILABLE,
+                                 'message': 'no engine is logged in'})
+            return
+        if task.state != State.RECOGNIZE:
+            task.state = State.RECOGNIZE
+            self.reporter.submit(_records.STATE, {'speechID': task.speech_id, 'state': task.state.value,
+                                                  'worker': task.worker, 'at': time.time()})
+        self.engine_queue.append(task.speech_id)
+        self.dispatch_engine()
+
+    def dispatch_engine(self):
+        while self.engine_queue:
+            free = [e for e in self.engines.values() if len(e.inflight) < self.engine_concurrency]
+            if not free:
+                return
+            eng = min(free, key=lambda e: (len(e.inflight), e.login_time))
+            task = self.tasks.get(self.engine_queue.popleft())
+            if task is None:
+                continue
+            if task.seq is None:
+                task.seq = self.next_seq()
+            body = {k: v for k, v in task.request.items() if k != 'keepSource'}
+            s = self.cfg['server']
+            body.update({
+                'seq': task.seq, 'serverSeq': int(s['server_seq']), 'domainSeq': int(s['domain_seq']),
+                'imageSeq': int(s['image_seq']), 'audioPath': task.job['audioPath'],
+                'audioWAV': task.prepared.get('audioWAV') or '', 'audioMP3': task.prepared.get('audioMP3') or '',
+                'channels': task.prepared.get('channels', 1),
+            })
+            eng.inflight[task.speech_id] = time.monotonic()
+            task.engine = eng
+            task.mark(Mark.STT_SEND)
+            self.send(eng.conn, Type.RECOGNIZE, body)
+
+    def on_recognized(self, conn, body):
+        eng = conn.engine
+        try:
+            msg = _packet.decode_json(Type.RECOGNIZE_RESP, body)
+        except RequestError as exc:
+            log.warning('master: engine %s sent a bad 4001 (%s); dropped', conn.name, exc.message)
+            return
+        sid = msg.get('speechID')
+        if not isinstance(sid, str) or sid not in eng.inflight:
+            if isinstance(sid, str) and sid in self.recently_ended:
+                log.warning('master: late 4001 from %s for speechID=%s (the task already ended %s); dropped',
+                            conn.name, sid, self.recently_ended[sid])
+            else:
+                log.warning('master: 4001 from %s for unknown speechID=%r; dropped', conn.name, sid)
+            self.counters['engine_dropped'] += 1
+            return
+        del eng.inflight[sid]
+        eng.answered += 1
+        task = self.tasks[sid]
+        task.engine = None
+        task.mark(Mark.STT_RECV)
+        result = str(msg.get('result', Result.ERROR.value))
+        if result not in Result._value2member_map_:
+            log.warning('master: engine %s answered speechID=%s with unknown result %r; using 9', conn.name, sid, result)
+            result = Result.ERROR.value
+        transcript = msg.get('transcript', msg.get('transcipt', ''))
+        outcome = dict(task.prepared or {})
+        outcome.pop('prepared', None)
+        outcome.pop('channels', None)
+        outcome.update({'result': result, 'transcript': transcript if isinstance(transcript, str) else '',
+                        'state': State.DONE if result == Result.OK.value else State.ERROR})
+        if result != Result.OK.value:
+            outcome['message'] = msg.get('message') or 'the engine answered with result %s' % result
+        self.end_task(task, outcome)
+        self.dispatch_engine()
+
+    def engine_lost(self, eng):
+        """An engine connection closed: its unanswered tasks go to another engine, or end with 3."""
+        self.engines.pop(eng.conn, None)
+        orphans = [sid for sid in eng.inflight if sid in self.tasks]
+        eng.inflight.clear()
+        log.warning('master: engine %s disconnected with %d task(s) in flight; %d engine(s) left',
+                    eng.conn.name, len(orphans), len(self.engines))
+        for sid in orphans:
+            self.tasks[sid].engine = None
+        if self.engines:
+            self.engine_queue.extendleft(reversed(orphans))
+            self.dispatch_engine()
+        else:
+            for sid in orphans + list(self.engine_queue):
+                task = self.tasks.get(sid)
+                if task is not None:
+                    self.end_task(task, {'state': State.ERROR, 'result': Result.UNAVAILABLE,
+                                         'message': 'the engine disconnected and no other engine is logged in'})
+            self.engine_queue.clear()
+        self.engine_changed()
 
     def reject(self, conn, req, result, message, level=logging.WARNING):
         sid = req.get('speechID') if isinstance(req, dict) else None
@@ -529,6 +688,8 @@ class Master:
         return None
 
     def engine_available(self):
+        if not self.engine.embedded:
+            return bool(self.engines)
         return bool(self.workers) or bool(self.respawn_at)
 
     def inside_roots(self, path):
@@ -576,7 +737,12 @@ class Master:
             slot = self.workers.get(task.worker)
             if slot is not None and slot.task == task.speech_id:
                 slot.task = None
+        if task.engine is not None:
+            task.engine.inflight.pop(task.speech_id, None)
         state = State(str(outcome.get('state', State.ERROR)))
+        self.recently_ended[task.speech_id] = state.value
+        if len(self.recently_ended) > 10000:
+            self.recently_ended.popitem(last=False)
         result = Result(str(outcome.get('result', Result.ERROR)))
         task.state = state
         task.mark(Mark.TRANSCRIBE_END)
@@ -621,6 +787,8 @@ class Master:
         for key in ('message', 'channels', 'audioWAV', 'audioMP3'):
             if outcome.get(key) is not None:
                 rec[key] = outcome[key]
+        if task.seq is not None:
+            rec['seq'] = task.seq
         if result == Result.DISCONNECTED:
             rec['engineResult'] = str(outcome.get('result', ''))
         return rec
@@ -647,7 +815,12 @@ class Master:
         snap = self.monitor.snapshot
         body = {'version': self.cfg['setting']['version']}
         if kind in ('all', 'engine'):
-            body['engine'] = {'sttengine': self.engine_available(), self.engine.name: self.engine.describe()}
+            body['engine'] = {'sttengine': self.engine_available()}
+            if self.engine.embedded:
+                body['engine'][self.engine.name] = self.engine.describe()
+            for eng in self.engines.values():
+                body['engine'][eng.key] = {'address': eng.conn.name, 'loginTime': _records.stamp(eng.login_time),
+                                           'inflight': len(eng.inflight), 'answered': eng.answered}
         if kind in ('all', 'task'):
             body['task'] = [{'speechID': t.speech_id, 'startTime': _records.stamp(t.created), 'state': t.state.value}
                             for t in self.tasks.values()]
@@ -837,6 +1010,22 @@ class Master:
         self.monitor.stop()
         self.reporter.stop()
         log.info('master: stopped (%d records written)', self.reporter.written)
+
+
+def last_seq(folder, day):
+    """The highest seq recorded on `day`, so the per-day counter goes on after a restart."""
+    best = 0
+    try:
+        with open(os.path.join(folder, day + '.json'), encoding='utf-8') as f:
+            for line in f:
+                if '"seq"' in line:
+                    try:
+                        best = max(best, int(json.loads(line).get('seq') or 0))
+                    except (ValueError, TypeError, AttributeError):
+                        continue
+    except OSError:
+        pass
+    return best
 
 
 def _signal_pid(pid, sig):

@@ -124,7 +124,10 @@ ip = 127.0.0.1
 port = {port}
 max_connections = {max_connections}
 [engine]
-type = pocketsphinx
+type = {engine}
+model = {model}
+engine_slots = {engine_slots}
+engine_concurrency = {engine_concurrency}
 """
 
 
@@ -135,7 +138,8 @@ class Daemon:
         self.base = str(base)
         self.port = free_port()
         self.opts = dict(workers=2, max_tasks=100, timeout=60, graceful=10, mp3='false',
-                         source_after='keep', max_connections=1024, roots='batch, data', port=self.port)
+                         source_after='keep', max_connections=1024, roots='batch, data', port=self.port,
+                         engine='pocketsphinx', model='', engine_slots=1, engine_concurrency=1)
         self.opts.update(opts)
         self.ini = os.path.join(self.base, 'app.ini')
         self.batch = os.path.join(self.base, 'batch')

@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Core daemon figures, measured in one run on the same batch of fixture files:
+
+- overhead: the batch through the daemon (N workers) vs the same engine called
+  directly by a multiprocessing.Pool of N processes (target ratio <= 1.05);
+- scaling: the daemon with 2 workers vs 1 (target >= 1.8x);
+- Monitor latency p50/p99 while every worker is busy and 100 tasks queue (target p99 < 20 ms).
+
+Usage: .venv/bin/python bench/daemon.py [--files 100] [--workers 2]
+"""
+import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
+
+import _audio  # noqa: E402
+import _engine  # noqa: E402
+from conftest import FIXTURES, Daemon, transcribe_req  # noqa: E402
+
+_ENGINE = None
+
+
+def _pool_init():
+    global _ENGINE
+    _ENGINE = _engine.PocketSphinxEngine()
+    _ENGINE.load()
+
+
+def _pool_job(path):
+    prepared = _audio.prepare(path, _ENGINE.sample_rate)
+    return [_ENGINE.recognize(pcm).text for pcm in prepared.engine_pcm]
+
+
+def make_batch(folder, n):
+    os.makedirs(folder, exist_ok=True)
+    names = sorted(f for f in os.listdir(FIXTURES) if f.startswith('en_') and f.endswith('.wav'))
+    files = []
+    for i in range(n):
+        dest = os.path.join(folder, 'f%03d_%s' % (i, names[i % len(names)]))
+        shutil.copy(os.path.join(FIXTURES, names[i % len(names)]), dest)
+        files.append(dest)
+    return files
+
+
+def run_daemon(base, files, workers, monitor_samples=None):
+    d = Daemon(base, workers=workers, max_tasks=len(files) + 10, timeout=600, roots='/')
+    d.start()
+    try:
+        c = d.client(timeout=900)
+        latencies = []
+        stop = threading.Event()
+
+        def probe():
+            m = d.client()
+            while not stop.is_set():
+                t = time.perf_counter()
+                m.send(1003, {'type': 'all'})
+                m.recv(10)
+                latencies.append(time.perf_counter() - t)
+                time.sleep(0.02)
+            m.close()
+        t0 = time.perf_counter()
+        for i, path in enumerate(files):
+            c.send(1002, transcribe_req(os.path.dirname(path), os.path.basename(path), sid='b%d' % i))
+        prober = None
+        if monitor_samples is not None:
+            prober = threading.Thread(target=probe)
+            prober.start()
+        answers = c.recv_n(len(files), timeout=1800)
+        wall = time.perf_counter() - t0
+        stop.set()
+        if prober:
+            prober.join()
+            monitor_samples.extend(latencies)
+        bad = [b for _, b in answers if b.get('result') != '0']
+        if bad:
+            print('  %d task(s) failed, e.g. %s' % (len(bad), bad[0]))
+        return wall
+    finally:
+        d.stop()
+
+
+def run_pool(files, workers):
+    with multiprocessing.get_context('fork').Pool(workers, initializer=_pool_init) as pool:
+        pool.map(_pool_job, files[:workers])          # warm-up: model loaded in every process
+        t0 = time.perf_counter()
+        pool.map(_pool_job, files, chunksize=1)
+        return time.perf_counter() - t0
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--files', type=int, default=100)
+    ap.add_argument('--workers', type=int, default=2)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix='svcmgr-bench-')
+    try:
+        files = make_batch(os.path.join(tmp, 'audio'), args.files)
+        print('batch: %d files, %d workers, %d CPUs' % (len(files), args.workers, os.cpu_count()))
+        samples = []
+        daemon_n = run_daemon(os.path.join(tmp, 'dn'), files, args.workers, monitor_samples=samples)
+        pool_n = run_pool(files, args.workers)
+        daemon_1 = run_daemon(os.path.join(tmp, 'd1'), files, 1)
+        print('daemon, %d workers: %.2f s' % (args.workers, daemon_n))
+        print('multiprocessing.Pool(%d), same engine: %.2f s' % (args.workers, pool_n))
+        print('overhead ratio daemon/pool: %.3f (target <= 1.05)' % (daemon_n / pool_n))
+        print('daemon, 1 worker: %.2f s' % daemon_1)
+        print('scaling 1 -> %d workers: %.2fx (target >= 1.8x)' % (args.workers, daemon_1 / daemon_n))
+        if samples:
+            print('Monitor latency while busy (%d samples): p50 %.2f ms, p99 %.2f ms, max %.2f ms (target p99 < 20 ms)'
+                  % (len(samples), statistics.median(samples) * 1e3, pct(samples, 99) * 1e3, max(samples) * 1e3))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
