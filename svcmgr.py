@@ -19,9 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 import _config
+import _db
 import _engine
 import _packet
 import _records
+import _webhook
 import _worker
 from _monitor import Monitor
 from _packet import ProtocolError, RequestError, Type
@@ -99,6 +101,7 @@ class WorkerSlot:
     retiring: bool = False
     done: int = 0
     killed_reason: str = None
+    pipe_open: bool = True
 
 
 @dataclass(eq=False)
@@ -143,6 +146,8 @@ class Master:
         self.counters = collections.Counter()
         self.pid = os.getpid()
         self.reporter = None
+        self.webhook = None
+        self.db = None
         self.monitor = None
         self.engines = {}             # Conn -> EngineConn (remote engine only)
         self.engine_queue = collections.deque()   # speechIDs prepared, waiting for a free engine
@@ -181,7 +186,8 @@ class Master:
             self.spawn_worker(n)
         self.reporter = _records.Reporter(self.make_sinks())
         self.reporter.start()
-        self.monitor = Monitor(float(self.cfg['setting']['monitor_interval_secs']))
+        self.monitor = Monitor(float(self.cfg['setting']['monitor_interval_secs']),
+                               on_refresh=self.db.status_hook(self) if self.db else None)
         self.monitor.start()
         log.info('master: listening on %s:%s with %d worker(s), engine %s, max_tasks %d',
                  *self.listener.getsockname()[:2], self.n_workers, self.engine.name, self.max_tasks)
@@ -194,7 +200,18 @@ class Master:
             self.ready_fd = None
 
     def make_sinks(self):
-        return [_records.RecordsFile(os.path.join(_config.base_dir(self.cfg), 'records'))]
+        sinks = [_records.RecordsFile(os.path.join(_config.base_dir(self.cfg), 'records'))]
+        if self.cfg['webhook']['url']:
+            # Its sender threads start here, after the children, and drain what an earlier run left.
+            self.webhook = _webhook.WebhookSink(_webhook.Settings.from_cfg(self.cfg),
+                                                _webhook.Outbox(_webhook.outbox_dir(self.cfg)))
+            self.webhook.start()
+            sinks.append(self.webhook)
+        if self.cfg['db']['enabled']:
+            # Its writer thread (and its connection, made inside it) starts here, after the children.
+            self.db = _db.DatabaseSink(self.cfg, os.path.join(_config.base_dir(self.cfg), 'records'))
+            sinks.append(self.db)
+        return sinks
 
     def _on_signal(self, signum, frame):
         # Only note it; the loop acts (the wake-up fd has already been written).
@@ -220,12 +237,13 @@ class Master:
         return slot
 
     def _on_worker_msg(self, slot, mask):
-        while True:
+        while slot.pipe_open:
             try:
                 if not slot.conn.poll(0):
                     return
                 msg = slot.conn.recv()
             except (EOFError, OSError):
+                slot.pipe_open = False
                 self._unregister(slot.conn.fileno())
                 return
             kind, sid = msg[0], msg[1]
@@ -252,10 +270,15 @@ class Master:
                     self._retire(slot)
 
     def _on_worker_exit(self, slot, mask):
+        # A result sent just before the exit may still sit in the pipe: read it first.
+        if slot.pipe_open:
+            self._on_worker_msg(slot, mask)
         slot.proc.join(0.5)
         code = slot.proc.exitcode
         self._unregister(slot.proc.sentinel)
-        self._unregister(slot.conn.fileno())
+        if slot.pipe_open:
+            slot.pipe_open = False
+            self._unregister(slot.conn.fileno())
         slot.conn.close()
         self.free_hb.append(slot.hb_index)
         why = 'signal %d' % -code if code is not None and code < 0 else 'exit status %s' % code
@@ -312,10 +335,7 @@ class Master:
             pass
 
     def dispatch(self):
-        if self.stopping and self.stop_deadline is not None:
-            pass
-        idle = [s for s in self.workers.values() if s.task is None and not s.retiring
-                and s.conn.fileno() in self._fds()]
+        idle = [s for s in self.workers.values() if s.task is None and not s.retiring and s.pipe_open]
         while idle and self.pending:
             sid = self.pending.popleft()
             task = self.tasks.get(sid)
@@ -331,9 +351,6 @@ class Master:
             slot.task, slot.task_since = sid, time.monotonic()
             task.worker = slot.number
             task.mark(Mark.WORKER_PUT)
-
-    def _fds(self):
-        return self.sel.get_map()
 
     # ------------------------------------------------------------ connections
 
@@ -835,6 +852,8 @@ class Master:
             body['queue'] = {'pending': len(self.pending), 'running': len(self.tasks) - len(self.pending),
                              'maxTasks': self.max_tasks, 'records': self.reporter.depth()}
             body['counters'] = dict(self.counters)
+            body['outbox'] = self.webhook.status() if self.webhook else {'enabled': False}
+            body['db'] = self.db.stats() if self.db else {'enabled': False}
         return body
 
     # ------------------------------------------------------------ timers
@@ -1331,6 +1350,20 @@ def cmd_monitor(cfg, kind):
     return 0
 
 
+def fallback_cfg(cfg_path):
+    """Just enough of an invalid app.ini for stop and status: the pidfile and the stop wait."""
+    import configobj
+    folder = os.path.dirname(cfg_path)
+    pidfile = 'svcmgr.pid'
+    try:
+        raw = configobj.ConfigObj(cfg_path, interpolation=False, encoding='utf-8')
+        pidfile = raw.get('setting', {}).get('pidfile') or pidfile
+    except (configobj.ConfigObjError, OSError, UnicodeDecodeError):
+        pass
+    return {'setting': {'pidfile': os.path.join(folder, os.path.expanduser(str(pidfile))),
+                        'graceful_timeout_secs': 30}}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='svcmgr.py', description='svcmgr, the Service Manager for batch STT')
     parser.add_argument('-c', '--config', default=DEFAULT_INI, help='app.ini to use (default: beside svcmgr.py)')
@@ -1344,7 +1377,19 @@ def main(argv=None):
     p.add_argument('--keep', action='store_true', help='keep the source files (default: as app.ini says)')
     p = sub.add_parser('monitor', help='print the Monitor answer')
     p.add_argument('--type', default='all', choices=('all',) + Master.MONITOR_PARTS)
+    p = sub.add_parser('webhook', help='the webhook outbox (works on its files, running or not)')
+    wsub = p.add_subparsers(dest='webhook_command', required=True)
+    w = wsub.add_parser('list', help='pending and failed deliveries with attempts and last error')
+    w.add_argument('--json', action='store_true', help='print JSON')
+    w = wsub.add_parser('redeliver', help='put failed deliveries back into the outbox, attempts reset')
+    w.add_argument('speech_ids', nargs='*', metavar='speechID')
+    w.add_argument('--all-failed', action='store_true', help='every entry in records/webhook/failed/')
+    p = sub.add_parser('db', help='the MySQL database of [db]: init applies schema.sql, check verifies it')
+    p.add_argument('db_command', choices=('init', 'check'))
     args = parser.parse_args(argv)
+    if args.command == 'webhook' and args.webhook_command == 'redeliver' \
+            and bool(args.speech_ids) == bool(args.all_failed):
+        parser.error('webhook redeliver takes speechIDs or --all-failed')
 
     cfg_path = os.path.abspath(args.config)
     try:
@@ -1352,7 +1397,11 @@ def main(argv=None):
     except _config.ConfigError as exc:
         for line in exc.problems:
             print(line, file=sys.stderr)
-        return 2
+        if args.command not in ('stop', 'status'):
+            return 2
+        # A daemon started from a good app.ini must stay stoppable after the file was broken.
+        cfg = fallback_cfg(cfg_path)
+        print('svcmgr: using pidfile %s' % cfg['setting']['pidfile'], file=sys.stderr)
     if args.command == 'start':
         return cmd_start(cfg, cfg_path)
     if args.command == 'run':
@@ -1370,6 +1419,12 @@ def main(argv=None):
         return cmd_transcribe(cfg, args.files, args.keep)
     if args.command == 'monitor':
         return cmd_monitor(cfg, args.type)
+    if args.command == 'webhook' and args.webhook_command == 'list':
+        return _webhook.cmd_list(cfg, args.json)
+    if args.command == 'webhook':
+        return _webhook.cmd_redeliver(cfg, args.speech_ids, args.all_failed)
+    if args.command == 'db':
+        return _db.command(cfg, args.db_command, os.path.join(_config.base_dir(cfg), 'records'))
     parser.error('unknown command')
 
 

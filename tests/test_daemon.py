@@ -431,3 +431,52 @@ def test_cli_transcribe_and_monitor(daemon):
     assert os.path.exists(os.path.join(folder, name))
     r = daemon.cli('monitor')
     assert r.returncode == 0 and '"version": "2.0"' in r.stdout
+
+
+def test_sighup_reloads_app_ini_and_restarts_workers(make_daemon):
+    d = make_daemon(workers=1).start()
+    old = {w.pid for w in d.workers()}
+    c = d.client()                              # a connection open across the reload
+    d.opts['workers'] = 2
+    d.write_ini()
+    assert d.cli('reload').returncode == 0
+    wait_for(lambda: len(d.workers()) == 2 and not ({w.pid for w in d.workers()} & old), 30, 'two new workers')
+    folder, name = d.fixture('en_morning.wav')
+    c.send(1002, transcribe_req(folder, name, sid='after-hup'))
+    assert c.recv(60)[1]['result'] == '0'
+    # a bad app.ini on reload is refused and logged; the daemon keeps running as it was
+    with open(d.ini, 'a') as f:
+        f.write('[setting]\nmax_tasks = -1\n')
+    pids = {w.pid for w in d.workers()}
+    os.kill(d.pid, signal.SIGHUP)
+    wait_for(lambda: 'reload refused' in d.log_text(), 10, 'reload refused')
+    assert {w.pid for w in d.workers()} == pids
+    c.send(1003, {'type': 'engine'})
+    assert c.recv(10)[0] == 2003
+
+
+def test_sigusr1_reopens_log_files(make_daemon):
+    d = make_daemon(workers=1).start()
+    log_path = os.path.join(d.base, 'logs', 'app.log')
+    os.rename(log_path, log_path + '.1')
+    os.kill(d.pid, signal.SIGUSR1)
+    wait_for(lambda: os.path.exists(log_path) and 'log files reopened' in d.log_text(), 10, 'a new app.log')
+
+
+def test_run_in_foreground(make_daemon):
+    d = make_daemon(workers=1)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'svcmgr.py'), '-c', d.ini, 'run'],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: d.pid == proc.pid and monitor(d), 60, 'the foreground daemon')
+        folder, name = d.fixture('en_morning.wav')
+        c = d.client()
+        c.send(1002, transcribe_req(folder, name, sid='fg'))
+        assert c.recv(60)[1]['transcript'] == TEXTS['en_morning.wav']
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not os.path.exists(os.path.join(d.base, 'svcmgr.pid'))
+        assert 'Program End' in d.psout()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
