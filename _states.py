@@ -63,6 +63,7 @@ class Mark(str, Enum):
     TRANSCRIBE_START = 'TRANSCRIBE_START'
     WORKER_PUT = 'WORKER_PUT'
     WORKER_GET = 'WORKER_GET'
+    WORKER_DONE = 'WORKER_DONE'     # (new) a worker prepared the audio for a remote engine
     STT_SEND = 'STT_SEND'
     STT_RECV = 'STT_RECV'
     TRANSCRIBE_END = 'TRANSCRIBE_END'

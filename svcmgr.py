@@ -558,6 +558,7 @@ class Master:
     def to_engine(self, task, prepared):
         """A worker prepared the audio of a remote-engine task: queue its 3001."""
         task.prepared = prepared
+        task.mark(Mark.WORKER_DONE)
         if not self.engines:
             self.end_task(task, {'state': State.ERROR, 'result': Result.UNAVAILABLE,
                                  'message': 'no engine is logged in'})

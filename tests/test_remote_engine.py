@@ -65,7 +65,8 @@ def test_round_trip_korean_transcript_byte_exact(remote):
     assert os.path.getsize(os.path.join(r1['audioPath'], 'ko1.mp3')) > 0
     recs = assert_records_match(d, 2)
     marks = [m.split(' < ')[1] for m in recs[0]['processInterval']]
-    assert marks == ['TRANSCRIBE_START', 'WORKER_PUT', 'WORKER_GET', 'STT_SEND', 'STT_RECV', 'TRANSCRIBE_END']
+    assert marks == ['TRANSCRIBE_START', 'WORKER_PUT', 'WORKER_GET', 'WORKER_DONE', 'STT_SEND', 'STT_RECV',
+                     'TRANSCRIBE_END']
     assert {r['data']['transcript'] for r in recs} == {answers['ko1']['transcript'], answers['ko2']['transcript']}
 
 
