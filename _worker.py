@@ -18,6 +18,7 @@ log = logging.getLogger('worker')
 # Words of one channel further apart than this start a new line in a stereo transcript.
 UTTERANCE_GAP_SECS = 0.8
 PR_SET_PDEATHSIG = 1
+WORKER_NICE = 5
 
 
 class JobError(Exception):
@@ -102,6 +103,7 @@ class PacketAgent:
         self.master_pid = master_pid
         self.stopping = False
         self.reopen = False
+        self.src_alias = None
         self.name = 'worker-%d' % worker_id
 
     def beat(self):
@@ -129,6 +131,8 @@ class PacketAgent:
             log.warning('%s: prctl(PR_SET_PDEATHSIG) unavailable', self.name)
         if os.getppid() != self.master_pid:
             return
+        # Workers yield the CPU to the master, so its loop answers promptly while every core decodes.
+        os.nice(WORKER_NICE)
         self.engine.open()
         log.info('%s: ready (pid %d)', self.name, os.getpid())
         hb = float(self.cfg['setting']['heartbeat_secs'])
@@ -174,8 +178,10 @@ class PacketAgent:
             log.warning('%s: %s', tag, exc.message)
             outcome = {'state': exc.state, 'result': exc.result, 'message': exc.message}
         except _audio.AudioError as exc:
-            log.warning('%s: %s', tag, exc.message)
-            outcome = {'state': exc.state, 'result': exc.result, 'message': exc.message}
+            # The audio was read through /proc/self/fd/N: name the real file instead.
+            message = exc.message.replace(self.src_alias or '\0', job.get('_real') or '?')
+            log.warning('%s: %s', tag, message)
+            outcome = {'state': exc.state, 'result': exc.result, 'message': message}
             self.backup_failed_source(job, tag, exc.message)
         except Exception as exc:  # the one catch-all of this loop: an engine failure must not kill us
             log.error('%s: engine failed: %s', tag, exc, exc_info=True)
@@ -189,8 +195,9 @@ class PacketAgent:
         self.send('state', sid, str(State.CONVERT))
         fd, real = open_source(job['candidates'], job['roots'])
         job['_real'] = real
+        self.src_alias = '/proc/self/fd/%d' % fd
         try:
-            prepared = _audio.prepare('/proc/self/fd/%d' % fd, self.engine.sample_rate,
+            prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
                                       audio_path=job['audioPath'], stem=job['stem'],
                                       mp3_backup=job['mp3_backup'],
                                       max_seconds=job.get('max_seconds', 4 * 3600))

@@ -18,6 +18,8 @@ import tempfile
 import threading
 import time
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -69,6 +71,7 @@ def run_daemon(base, files, workers, monitor_samples=None):
                 latencies.append(time.perf_counter() - t)
                 time.sleep(0.02)
             m.close()
+        cpu0 = daemon_cpu(d)
         t0 = time.perf_counter()
         for i, path in enumerate(files):
             c.send(1002, transcribe_req(os.path.dirname(path), os.path.basename(path), sid='b%d' % i))
@@ -78,6 +81,7 @@ def run_daemon(base, files, workers, monitor_samples=None):
             prober.start()
         answers = c.recv_n(len(files), timeout=1800)
         wall = time.perf_counter() - t0
+        cpu = daemon_cpu(d) - cpu0
         stop.set()
         if prober:
             prober.join()
@@ -85,17 +89,33 @@ def run_daemon(base, files, workers, monitor_samples=None):
         bad = [b for _, b in answers if b.get('result') != '0']
         if bad:
             print('  %d task(s) failed, e.g. %s' % (len(bad), bad[0]))
-        return wall
+        return wall, cpu
     finally:
         d.stop()
+
+
+def daemon_cpu(d):
+    """CPU seconds (user + system) used so far by the daemon's master and live children."""
+    total = 0.0
+    for p in d.processes():
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def run_pool(files, workers):
     with multiprocessing.get_context('fork').Pool(workers, initializer=_pool_init) as pool:
         pool.map(_pool_job, files[:workers])          # warm-up: model loaded in every process
+        procs = [psutil.Process(p.pid) for p in pool._pool]
+        cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
         t0 = time.perf_counter()
         pool.map(_pool_job, files, chunksize=1)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
+        return wall, cpu
 
 
 def pct(values, p):
@@ -107,18 +127,29 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--files', type=int, default=100)
     ap.add_argument('--workers', type=int, default=2)
+    ap.add_argument('--rounds', type=int, default=3)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix='svcmgr-bench-')
     try:
         files = make_batch(os.path.join(tmp, 'audio'), args.files)
         print('batch: %d files, %d workers, %d CPUs' % (len(files), args.workers, os.cpu_count()))
         samples = []
-        daemon_n = run_daemon(os.path.join(tmp, 'dn'), files, args.workers, monitor_samples=samples)
-        pool_n = run_pool(files, args.workers)
-        daemon_1 = run_daemon(os.path.join(tmp, 'd1'), files, 1)
-        print('daemon, %d workers: %.2f s' % (args.workers, daemon_n))
-        print('multiprocessing.Pool(%d), same engine: %.2f s' % (args.workers, pool_n))
-        print('overhead ratio daemon/pool: %.3f (target <= 1.05)' % (daemon_n / pool_n))
+        # Interleaved rounds on a shared machine: each figure is the median of its rounds.
+        runs = {'daemon': [], 'pool': [], 'daemon1': []}
+        for r in range(args.rounds):
+            runs['daemon'].append(run_daemon(os.path.join(tmp, 'dn%d' % r), files, args.workers,
+                                             monitor_samples=samples if r == 0 else None))
+            runs['pool'].append(run_pool(files, args.workers))
+            runs['daemon1'].append(run_daemon(os.path.join(tmp, 'd1%d' % r), files, 1))
+            print('round %d: daemon %.2f s (cpu %.1f s), pool %.2f s (cpu %.1f s), daemon 1 worker %.2f s'
+                  % (r + 1, *runs['daemon'][-1], *runs['pool'][-1], runs['daemon1'][-1][0]))
+        daemon_n, daemon_cpu_n = [statistics.median(x) for x in zip(*runs['daemon'])]
+        pool_n, pool_cpu = [statistics.median(x) for x in zip(*runs['pool'])]
+        daemon_1 = statistics.median(x[0] for x in runs['daemon1'])
+        print('daemon, %d workers: %.2f s wall, %.1f s CPU (master + workers)' % (args.workers, daemon_n, daemon_cpu_n))
+        print('multiprocessing.Pool(%d), same engine: %.2f s wall, %.1f s CPU' % (args.workers, pool_n, pool_cpu))
+        print('overhead ratio daemon/pool: wall %.3f, CPU %.3f (target <= 1.05)'
+              % (daemon_n / pool_n, daemon_cpu_n / pool_cpu))
         print('daemon, 1 worker: %.2f s' % daemon_1)
         print('scaling 1 -> %d workers: %.2fx (target >= 1.8x)' % (args.workers, daemon_1 / daemon_n))
         if samples:
