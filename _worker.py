@@ -182,7 +182,7 @@ class PacketAgent:
             message = exc.message.replace(self.src_alias or '\0', job.get('_real') or '?')
             log.warning('%s: %s', tag, message)
             outcome = {'state': exc.state, 'result': exc.result, 'message': message}
-            self.backup_failed_source(job, tag, exc.message)
+            self.backup_failed_source(job, tag, message)
         except Exception as exc:  # the one catch-all of this loop: an engine failure must not kill us
             log.error('%s: engine failed: %s', tag, exc, exc_info=True)
             outcome = {'state': State.ERROR, 'result': Result.ERROR, 'message': 'engine failed: %s' % exc}
