@@ -23,6 +23,7 @@ import _db
 import _engine
 import _packet
 import _records
+import _scanner
 import _webhook
 import _worker
 from _monitor import Monitor
@@ -58,6 +59,8 @@ class Conn:
     closing: bool = False
     closed: bool = False
     engine: object = None     # EngineConn once a remote engine logged in on this connection
+    frames: int = 0           # whole frames received
+    opened: float = field(default_factory=time.monotonic)
 
     @property
     def name(self):
@@ -149,10 +152,14 @@ class Master:
         self.webhook = None
         self.db = None
         self.monitor = None
+        self.scanner = _scanner.ScannerLink(self)
+        self.notify_engine = self.scanner.engine_changed
         self.engines = {}             # Conn -> EngineConn (remote engine only)
         self.engine_queue = collections.deque()   # speechIDs prepared, waiting for a free engine
         self.recently_ended = collections.OrderedDict()   # speechID -> final state, to explain late 4001s
         self.seq_day, self.seq = None, 0
+        # One descriptor held in reserve, given up to shed a connection when none are left (EMFILE).
+        self.spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._apply_cfg()
 
     def _apply_cfg(self):
@@ -184,7 +191,10 @@ class Master:
         # Children before threads: forking a process that runs threads is unsafe.
         for n in range(1, self.n_workers + 1):
             self.spawn_worker(n)
+        self.scanner.start()
         self.reporter = _records.Reporter(self.make_sinks())
+        # Last sink: the scanner hears that a task ended only once every trace of it is made.
+        self.reporter.sinks.append(self.scanner)
         self.reporter.start()
         self.monitor = Monitor(float(self.cfg['setting']['monitor_interval_secs']),
                                on_refresh=self.db.status_hook(self) if self.db else None)
@@ -225,6 +235,8 @@ class Master:
         parent_end, child_end = MP.Pipe(duplex=True)
         inherited = [key.fd for key in self.sel.get_map().values()]
         inherited += [self.wake_w.fileno(), parent_end.fileno()]
+        if self.spare_fd is not None:
+            inherited.append(self.spare_fd)
         proc = MP.Process(target=_worker.main, name='worker-%d' % number,
                           args=(number, hb, child_end, self.engine, self.cfg, self.heartbeats, self.pid, inherited))
         proc.start()
@@ -361,15 +373,17 @@ class Master:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE and friends: log and let the loop breathe rather than spin.
-                log.error('master: accept failed: %s', exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._shed_one_connection(exc)
+                else:
+                    log.error('master: accept failed: %s', exc)
                 return
             if self.allow and not self._allowed(addr[0]):
                 log.warning('master: connection from %s refused: not in [server] allow', addr[0])
                 sock.close()
                 self.counters['refused'] += 1
                 continue
-            if len(self.conns) >= self.max_conns:
+            if len(self.conns) >= self.max_conns and not self._evict_idle():
                 log.warning('master: connection from %s:%s refused: max_connections %d reached',
                             addr[0], addr[1], self.max_conns)
                 sock.close()
@@ -381,6 +395,39 @@ class Master:
             self.conns[sock.fileno()] = conn
             self.sel.register(sock, selectors.EVENT_READ, (self._on_conn, conn))
             log.debug('master: connection from %s', conn.name)
+
+    def _evict_idle(self):
+        """At max_connections, make room by closing the connection that has held an
+        incomplete frame longest, or one that never sent a whole frame: the shapes of
+        slowloris, which would otherwise lock real clients out."""
+        victims = [c for c in self.conns.values() if c.engine is None and not c.tasks
+                   and (c.partial_since is not None or c.frames == 0)]
+        if not victims:
+            return False
+        victim = min(victims, key=lambda c: c.partial_since if c.partial_since is not None else c.opened)
+        log.warning('master: max_connections %d reached: closing %s, which %s', self.max_conns, victim.name,
+                    'holds an incomplete frame' if victim.partial_since is not None else 'never sent a frame')
+        self.counters['evicted'] += 1
+        self.close_conn(victim)
+        return True
+
+    def _shed_one_connection(self, exc):
+        """Out of file descriptors: the pending connection would keep the listener readable
+        and the loop spinning. Accept it on a spare descriptor and close it at once."""
+        log.error('master: accept failed: %s; refusing one connection', exc)
+        self.counters['refused'] += 1
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+        try:
+            sock, _ = self.listener.accept()
+            sock.close()
+        except OSError:
+            pass
+        try:
+            self.spare_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.spare_fd = None
 
     def _allowed(self, host):
         try:
@@ -423,6 +470,7 @@ class Master:
             self.framing_error(conn, exc)
             return
         conn.partial_since = (conn.partial_since or time.monotonic()) if conn.decoder.pending else None
+        conn.frames += len(frames)
         for ptype, body in frames:
             if conn.closing:
                 break
@@ -757,6 +805,11 @@ class Master:
                 slot.task = None
         if task.engine is not None:
             task.engine.inflight.pop(task.speech_id, None)
+        if outcome is None:
+            # A scanned file's task cut short by a stop: no answer, no record. The file stays
+            # in .processing and the next start submits it again under the same speechID.
+            log.info('master: speechID=%s left claimed for the next start', task.speech_id)
+            return
         state = State(str(outcome.get('state', State.ERROR)))
         self.recently_ended[task.speech_id] = state.value
         if len(self.recently_ended) > 10000:
@@ -855,6 +908,7 @@ class Master:
             body['counters'] = dict(self.counters)
             body['outbox'] = self.webhook.status() if self.webhook else {'enabled': False}
             body['db'] = self.db.stats() if self.db else {'enabled': False}
+            body['scanner'] = self.scanner.describe()
         return body
 
     # ------------------------------------------------------------ timers
@@ -888,6 +942,7 @@ class Master:
                     self.spawn_worker(number)
                 elif number > self.n_workers:
                     del self.respawn_at[number]
+        self.scanner.tick(now)
 
     # ------------------------------------------------------------ signals
 
@@ -909,6 +964,7 @@ class Master:
                 _config.reopen_logs()
                 for slot in self.workers.values():
                     _signal_pid(slot.proc.pid, signal.SIGUSR1)
+                self.scanner.signal(signal.SIGUSR1)
                 log.info('master: log files reopened')
 
     def reload(self):
@@ -954,6 +1010,7 @@ class Master:
             self._retire(slot)
         for n in range(1, self.n_workers + 1):
             self.spawn_worker(n)
+        self.scanner.reload()
         log.info('master: reload done: %d worker(s)', self.n_workers)
 
     def begin_stop(self, why):
@@ -965,11 +1022,13 @@ class Master:
                  why, self.graceful, len(self.tasks))
         self._unregister(self.listener)
         self.listener.close()
+        self.scanner.stop()
         for sid in list(self.pending):
             task = self.tasks.get(sid)
             if task is not None:
-                self.end_task(task, {'state': State.ERROR, 'result': Result.UNAVAILABLE,
-                                     'message': 'the service manager is shutting down'})
+                self.end_task(task, None if task.source == Source.SCANNER else {
+                    'state': State.ERROR, 'result': Result.UNAVAILABLE,
+                    'message': 'the service manager is shutting down'})
         self.pending.clear()
         for slot in list(self.workers.values()):
             self._retire(slot)
@@ -980,8 +1039,9 @@ class Master:
         if now >= self.stop_deadline and self.tasks:
             log.warning('master: graceful timeout: ending %d running task(s) with result 3', len(self.tasks))
             for task in list(self.tasks.values()):
-                self.end_task(task, {'state': State.ERROR, 'result': Result.UNAVAILABLE,
-                                     'message': 'the service manager stopped before the task finished'})
+                self.end_task(task, None if task.source == Source.SCANNER else {
+                    'state': State.ERROR, 'result': Result.UNAVAILABLE,
+                    'message': 'the service manager stopped before the task finished'})
         if not self.tasks:
             for slot in list(self.workers.values()) + self.retired:
                 self._retire(slot)
@@ -989,7 +1049,8 @@ class Master:
             for slot in list(self.workers.values()) + self.retired:
                 if slot.proc.is_alive():
                     self.kill_worker(slot, 'was killed: did not stop in time')
-        if not self.tasks and not self.workers and not self.retired:
+            self.scanner.kill()
+        if not self.tasks and not self.workers and not self.retired and self.scanner.gone:
             self.running = False
 
     # ------------------------------------------------------------ loop

@@ -290,3 +290,11 @@ def long_wav(path, seconds):
         out.setparams(params)
         out.writeframes(b''.join(frames))
     return str(path)
+
+
+@pytest.fixture(scope='module')
+def fuzz_daemon(tmp_path_factory):
+    """One daemon for a whole module of fuzzing (starting one per example would dominate)."""
+    d = Daemon(tmp_path_factory.mktemp('fuzz'), workers=1, timeout=5).start()
+    yield d
+    d.stop()
