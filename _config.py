@@ -5,6 +5,8 @@ already converted to its type, with paths absolute and 'auto' resolved.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import logging
 import logging.handlers
@@ -83,9 +85,14 @@ scan_enabled = boolean(default=True)
 scan_ignore = string_list(default=list('*.part', '*.tmp', '~*'))
 # Extensions the scanner takes, without the dot, case-insensitive.
 scan_extensions = string_list(default=list('wav', 'mp3', 'm4a', 'ogg', 'flac', 'wma', 'aac', 'amr', 'pcm'))
+# Where a scanned file goes after success when [task] source_after = keep (below it, the
+# file's subfolder); it must leave audio_source_path so that it is never taken twice.
+scan_done_path = path(default='batch/done')
 # Domain given to scanned files, which carry no request.
 domain_code = string(default='SG0001')
 domain_name = string(default='SGDefault')
+# Take a scanned file's domainCode from its first folder below audio_source_path.
+domain_from_folder = boolean(default=False)
 # Folders a request's paths must resolve into (after following links); empty means
 # audio_source_path, audio_target_path and error_backup_path.
 allowed_roots = path_list(default=list())
@@ -121,6 +128,25 @@ engine_concurrency = integer(min=1, max=10000, default=1)
 [webhook]
 # Finished tasks are POSTed here; empty = off.
 url = http_url(default='')
+# Signs each POST (webhook-signature: v1,<base64 HMAC-SHA256>); 'whsec_<base64>' is decoded
+# as Standard Webhooks libraries expect, other text is the key as written; empty = unsigned.
+secret = string(default='')
+# Name of an environment variable holding the secret; used when set and present.
+secret_env = string(default='')
+# Limits of one POST: connecting, then each wait for the receiver's answer.
+connect_timeout_secs = float(min=0.1, max=300, default=5)
+read_timeout_secs = float(min=0.1, max=3600, default=10)
+# Sender threads, so that a slow receiver is still kept up with.
+concurrency = integer(min=1, max=64, default=4)
+# Retries wait base, 2x base, 4x base, ... up to max, each with jitter (half to all of it).
+backoff_base_secs = float(min=0.01, max=86400, default=5)
+backoff_max_secs = float(min=0.01, max=604800, default=3600)
+# An entry still undelivered this long after its task ended moves to records/webhook/failed/.
+give_up_after_secs = float(min=1, max=31536000, default=259200)
+# Also give up after this many attempts; 0 = no limit but give_up_after_secs.
+max_attempts = integer(min=0, max=1000000, default=0)
+# How often the senders look for entries they do not know (redelivered, left by a stop).
+rescan_secs = float(min=0.1, max=3600, default=5)
 
 [db]
 # Write a row per task and the status row; off = records files only.
@@ -133,6 +159,8 @@ password = string(default='')
 # used when set and present.
 password_env = string(default='')
 name = string(default='svcmgr')
+# This node's key in the node_status table and in task.node; empty = <hostname>:<[server] port>.
+node = string(default='')
 """
 
 _LOG_FORMAT = '%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s'
@@ -388,6 +416,15 @@ def load(path: str) -> configobj.ConfigObj:
     if setting['worker_processes'] == 'auto':
         setting['worker_processes'] = os.cpu_count() or 1
     directory = cfg['directory']
+    if directory['scan_enabled']:
+        # Outputs, failed and kept files written into the scanned folder itself would be taken again, forever.
+        source = os.path.realpath(directory['audio_source_path'])
+        for section, key in (('directory', 'audio_target_path'), ('task', 'error_backup_path'),
+                             ('directory', 'scan_done_path')):
+            folder = os.path.realpath(cfg[section][key])
+            if source == folder or source.startswith(folder.rstrip(os.sep) + os.sep):
+                raise ConfigError([f'{name} [{section}] {key}: must not be audio_source_path or a folder'
+                                   ' above it (the scanner would take what it writes there again)'])
     if not directory['allowed_roots']:
         roots = (directory['audio_source_path'], directory['audio_target_path'],
                  cfg['task']['error_backup_path'])
@@ -395,6 +432,14 @@ def load(path: str) -> configobj.ConfigObj:
     db = cfg['db']
     if db['password_env'] and db['password_env'] in os.environ:
         db['password'] = os.environ[db['password_env']]
+    webhook = cfg['webhook']
+    if webhook['secret_env'] and webhook['secret_env'] in os.environ:
+        webhook['secret'] = os.environ[webhook['secret_env']]
+    if webhook['secret'].startswith('whsec_'):
+        try:
+            base64.b64decode(webhook['secret'][len('whsec_'):], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError([f'{name} [webhook] secret: a whsec_ secret must be base64 after the prefix']) from None
     return cfg
 
 

@@ -1,0 +1,842 @@
+"""The drop-folder scanner: a process that takes settled audio files from
+audio_source_path, claims each with an atomic rename into a `.processing` folder
+beside it, submits it to the master and moves it out once its task is recorded;
+and ScannerLink, the master's end of that process.
+
+Exactly once: a claimed file is named `<speechID>__<name>`, so a restart submits it
+again under the same speechID; the master tells the scanner a task ended only after
+the reporter has written its record, and at start the scanner looks up the records
+of what it finds in `.processing`, so a recorded task is never run a second time.
+"""
+import collections
+import ctypes
+import datetime
+import errno
+import fnmatch
+import json
+import logging
+import multiprocessing
+import os
+import re
+import select
+import selectors
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import _config
+import _packet
+import _records
+from _packet import RequestError
+from _worker import _set_proc_title
+from _states import Result, Source
+
+log = logging.getLogger('scanner')
+mlog = logging.getLogger('master')     # ScannerLink runs in the master
+
+MP = multiprocessing.get_context('fork')
+PROCESSING = '.processing'
+CLAIMED_RE = re.compile(r'(\d{8}_\d{6}_\d{6})__(.+)\Z', re.S)
+SPEECH_ID_RE = re.compile(r'\d{8}_\d{6}_\d{6}')
+PR_SET_PDEATHSIG = 1
+# Results after which a rejected file stays claimed and is submitted again later.
+RETRY_RESULTS = (Result.UNAVAILABLE.value, Result.TOO_MANY.value)
+RETRY_SECS = 1.0
+STATUS_SECS = 0.5
+# The scanner never has more than this many tasks outstanding per worker (or engine
+# recognition slot, if more): admission starts a task's session deadline, so scanned
+# files waiting in a deep queue would time out.
+TASKS_PER_WORKER = 2
+MAX_MESSAGE = 4 << 20         # a line longer than this means the other end is broken
+MAX_SEND_BUFFER = 16 << 20    # the scanner has stopped reading: it hangs
+BOOT_GRACE_SECS = 2.0
+MAX_RESPAWN_DELAY_SECS = 30.0
+REASON_MAX = 2000
+SCANNER_NICE = 5
+
+
+# ---------------------------------------------------------------- walking and settling
+
+class Walker:
+    """One pass over the drop folder: the files that may be audio, and the `.processing` folders."""
+
+    def __init__(self, root, skip_dirs=(), ignore=(), extensions=()):
+        self.root = os.path.realpath(root)
+        self.skip = {os.path.realpath(d) for d in skip_dirs}
+        self.ignore = re.compile('|'.join(fnmatch.translate(p) for p in ignore)) if ignore else None
+        self.extensions = {e.lower().lstrip('.') for e in extensions}
+
+    def wanted(self, name):
+        """True for a file name the scanner takes (not hidden, not ignored, an audio extension)."""
+        if name.startswith('.') or (self.ignore is not None and self.ignore.match(name)):
+            return False
+        stem, dot, ext = name.rpartition('.')
+        return bool(dot and stem) and ext.lower() in self.extensions
+
+    def walk(self):
+        """([(path, size, mtime_ns, inode)], [.processing folder]) under the root.
+
+        Symbolic links are not followed (a link to a folder could loop, a link to a
+        file would be moved instead of the file), nor are the working folders entered.
+        """
+        files, processing = [], []
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            try:
+                it = os.scandir(folder)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning('scanner: cannot list %s: %s', folder, exc)
+                continue
+            with it:
+                for entry in it:
+                    name = entry.name
+                    try:
+                        if name.startswith('.'):
+                            if name == PROCESSING and entry.is_dir(follow_symlinks=False):
+                                processing.append(entry.path)
+                            continue
+                        if entry.is_dir(follow_symlinks=False):
+                            if entry.path not in self.skip:
+                                stack.append(entry.path)
+                            continue
+                        if not entry.is_file(follow_symlinks=False) or not self.wanted(name):
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue        # gone between the listing and the look
+                    files.append((entry.path, st.st_size, st.st_mtime_ns, st.st_ino))
+        return files, processing
+
+
+class Settler:
+    """Which files kept their size, mtime and inode since the previous pass (1.0's rule:
+    unchanged for one scan interval). Empty files never settle."""
+
+    def __init__(self):
+        self.previous = {}
+
+    def update(self, files):
+        """Return (settled paths, oldest first; waiting count; empty count) for one pass."""
+        previous, current, settled, empty = self.previous, {}, [], 0
+        for path, size, mtime, inode in files:
+            sig = (size, mtime, inode)
+            current[path] = sig
+            if not size:
+                empty += 1
+            elif previous.get(path) == sig:
+                settled.append((mtime, path))
+        self.previous = current
+        settled.sort()
+        return [path for _, path in settled], len(files) - len(settled) - empty, empty
+
+    def forget(self, path):
+        self.previous.pop(path, None)
+
+
+def recorded_outcomes(folder, speech_ids):
+    """{speechID: (result, state, message)} of the scanner's records among `speech_ids`.
+
+    Only day files from the earliest claim on (a day early, for a changed time zone) are read.
+    """
+    wanted = set(speech_ids)
+    found = {}
+    if not wanted:
+        return found
+    first = (datetime.datetime.strptime(min(wanted)[:8], '%Y%m%d') - datetime.timedelta(days=1)).strftime('%Y%m%d')
+    try:
+        names = sorted(n for n in os.listdir(folder) if re.fullmatch(r'\d{8}\.json', n) and n[:8] >= first)
+    except FileNotFoundError:
+        return found
+    for name in names:
+        try:
+            with open(os.path.join(folder, name), encoding='utf-8', errors='replace') as f:
+                for line in f:
+                    if not wanted.intersection(SPEECH_ID_RE.findall(line)):
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue        # a line cut short by a crash: as if never written
+                    data = rec.get('data') if isinstance(rec, dict) else None
+                    sid = data.get('speechID') if isinstance(data, dict) else None
+                    if sid in wanted and rec.get('source') == Source.SCANNER.value and sid not in found:
+                        found[sid] = (str(data.get('result')), str(rec.get('state')), str(rec.get('message') or ''))
+        except OSError as exc:
+            log.error('scanner: cannot read records %s: %s', name, exc)
+    return found
+
+
+# ---------------------------------------------------------------- the scanner process
+
+def take_lines(buf):
+    """Cut the complete lines (JSON messages, one a line) off the front of bytearray `buf`."""
+    end = buf.rfind(b'\n')
+    if end < 0:
+        return []
+    lines = bytes(buf[:end]).split(b'\n')
+    del buf[:end + 1]
+    return lines
+
+
+@dataclass(eq=False)
+class Item:
+    """A claimed file: `<folder>/<speechID>__<name>`, folder being a `.processing`."""
+    sid: str
+    folder: str
+    name: str
+    done: bool = False
+
+    @property
+    def claimed(self):
+        return '%s__%s' % (self.sid, self.name)
+
+    @property
+    def path(self):
+        return os.path.join(self.folder, self.claimed)
+
+
+def utf8_name(name):
+    """A file name that can be written into JSON records: bytes that are not UTF-8 become U+FFFD."""
+    try:
+        name.encode('utf-8')
+        return name
+    except UnicodeEncodeError:
+        return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+
+
+class Scanner:
+    """The scanner process: a loop of passes every scan_interval_secs and messages from the master."""
+
+    def __init__(self, sock, cfg, master_pid, close_fds=()):
+        self.sock = sock
+        self.cfg = cfg
+        self.master_pid = master_pid
+        self.close_fds = close_fds
+        d, t = cfg['directory'], cfg['task']
+        self.root = os.path.realpath(d['audio_source_path'])
+        self.interval = float(d['scan_interval_secs'])
+        self.error_root = t['error_backup_path']
+        self.done_root = d['scan_done_path']
+        self.source_after = t['source_after']
+        self.domain = (d['domain_code'], d['domain_name'])
+        self.domain_from_folder = bool(d['domain_from_folder'])
+        self.records = os.path.join(_config.base_dir(cfg), 'records')
+        self.walker = Walker(self.root, [d['audio_target_path'], self.error_root, self.done_root],
+                             d['scan_ignore'], d['scan_extensions'])
+        self.settler = Settler()
+        e = cfg['engine']
+        parallel = max(int(cfg['setting']['worker_processes']), int(e['engine_slots']) * int(e['engine_concurrency']))
+        self.limit = min(int(cfg['setting']['max_tasks']), TASKS_PER_WORKER * parallel)
+        self.items = {}                         # speechID -> Item: claimed, not yet moved out
+        self.queue = collections.deque()        # Items claimed and not yet submitted, recovered ones first
+        self.outstanding = set()                # speechIDs submitted whose end has not come
+        self.unfinished = []                    # (Item, result, state, message) whose move out failed
+        self.stuck = {}                         # path -> signature of a file that could not be claimed
+        self.engine = False                     # until the master says an engine is there
+        self.hold_until = 0.0
+        self.first_pass = True
+        self.stopping = False
+        self.reopen = False
+        self.rbuf = bytearray()
+        self.counts = collections.Counter(dict.fromkeys(('scans', 'claimedTotal', 'recovered', 'done', 'failed'), 0))
+        self.last = {}
+        self.reported = (0.0, None)
+
+    # ------------------------------------------------------------ process
+
+    def run(self):
+        keep = self.sock.fileno()
+        for fd in self.close_fds:
+            if fd != keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        _set_proc_title('svcmgr: scanner')
+        _config.setup_logging(self.cfg, 'scanner')
+        self._signals()
+        try:
+            # The master's death must not leave us running (SIGKILL of the master).
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            log.warning('scanner: prctl(PR_SET_PDEATHSIG) unavailable')
+        if os.getppid() != self.master_pid:
+            return
+        # A pass over a large drop is background work: the master's loop and the workers go first.
+        os.nice(SCANNER_NICE)
+        self.sock.setblocking(True)
+        log.info('scanner: watching %s every %g s (pid %d)', self.root, self.interval, os.getpid())
+        self.loop()
+        log.info('scanner: stopped')
+
+    def _signals(self):
+        def term(signum, frame):
+            self.stopping = True
+        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, lambda s, f: setattr(self, 'reopen', True))
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def loop(self):
+        next_pass = time.monotonic()
+        while not self.stopping:
+            try:
+                if os.getppid() != self.master_pid:
+                    log.warning('scanner: master is gone, exiting')
+                    return
+                if self.reopen:
+                    self.reopen = False
+                    _config.reopen_logs()
+                if time.monotonic() >= next_pass:
+                    started = time.monotonic()
+                    self.scan()
+                    # Pass starts stay at least one interval apart: that is what "settled" counts on.
+                    next_pass = max(started + self.interval, time.monotonic())
+                self.submit()
+                self.report()
+                now = time.monotonic()
+                wait = min(max(0.0, next_pass - now), 1.0)
+                if self.queue and self.engine and self.hold_until > now:
+                    wait = min(wait, self.hold_until - now)
+                self.receive(wait)
+            except (BrokenPipeError, ConnectionError):
+                log.warning('scanner: connection to the master lost, exiting')
+                return
+            except Exception:  # the loop's one catch-all: a bad pass must not end the scanner
+                log.error('scanner: error in the scan loop', exc_info=True)
+                time.sleep(min(self.interval, 1.0))
+
+    # ------------------------------------------------------------ messages
+
+    def send(self, *msg):
+        self.sock.sendall(json.dumps(msg).encode('ascii') + b'\n')
+
+    def receive(self, timeout):
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return
+        data = self.sock.recv(1 << 16)
+        if not data:
+            log.info('scanner: the master closed the connection, exiting')
+            self.stopping = True
+            return
+        self.rbuf += data
+        for line in take_lines(self.rbuf):
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.error('scanner: unreadable message from the master: %r', line[:200])
+                continue
+            self.handle(msg)
+
+    def handle(self, msg):
+        kind = msg[0]
+        if kind == 'ended':
+            _, sid, result, state, message = msg
+            self.outstanding.discard(sid)
+            item = self.items.get(sid)
+            if item is None:
+                log.debug('scanner: speechID=%s ended but is not ours (already moved out)', sid)
+                return
+            self.finish(item, result, state, message)
+        elif kind == 'rejected':
+            _, sid, result, message = msg
+            self.outstanding.discard(sid)
+            item = self.items.get(sid)
+            if item is None:
+                return
+            if result in RETRY_RESULTS:
+                # Busy or no engine: the file stays claimed and goes again shortly.
+                log.debug('scanner: speechID=%s not admitted now (%s: %s)', sid, result, message)
+                self.queue.appendleft(item)
+                self.hold_until = time.monotonic() + min(RETRY_SECS, self.interval)
+            elif result == Result.ALREADY_CONNECTED.value:
+                # A client task holds this speechID: the file takes a new one.
+                if self.reclaim(item):
+                    self.queue.appendleft(item)
+            else:
+                log.warning('scanner: speechID=%s %s refused with %s: %s', sid, item.name, result, message)
+                self.finish(item, result, 'NONE', message)
+        elif kind == 'engine':
+            self.engine = bool(msg[1])
+            log.info('scanner: %s', 'an engine is available' if self.engine else 'no engine available: paused')
+        elif kind == 'stop':
+            self.stopping = True
+        else:
+            log.warning('scanner: unknown message %r from the master', kind)
+
+    def submit(self):
+        if not self.engine or time.monotonic() < self.hold_until:
+            return
+        while self.queue and len(self.outstanding) < self.limit:
+            item = self.queue.popleft()
+            if item.done:
+                continue
+            self.outstanding.add(item.sid)
+            self.send('submit', self.request(item))
+
+    def request(self, item):
+        code, name = self.domain
+        rel = os.path.relpath(os.path.dirname(item.folder), self.root)
+        if self.domain_from_folder and rel != '.':
+            code = rel.split(os.sep)[0]
+        return {'speechID': item.sid, 'domainName': name, 'domainCode': code,
+                'fileID': item.claimed, 'fileName': item.name, 'filePath': item.folder}
+
+    def report(self, force=False):
+        """Send the status Monitor shows: after each pass, and at most every STATUS_SECS when it changed."""
+        status = dict(self.last, state='running' if self.engine else 'paused', claimed=len(self.queue),
+                      inProgress=len(self.outstanding), **self.counts)
+        at, before = self.reported
+        now = time.monotonic()
+        if force or (status != before and now - at >= STATUS_SECS):
+            self.send('status', status)
+            self.reported = (now, status)
+
+    # ------------------------------------------------------------ passes
+
+    def scan(self):
+        cpu, wall = time.process_time(), time.perf_counter()
+        files, processing = self.walker.walk()
+        settled, waiting, empty = self.settler.update(files)
+        scan_cpu, scan_wall = time.process_time() - cpu, time.perf_counter() - wall
+        if self.first_pass:
+            self.first_pass = False
+            self.recover(processing)
+        claimed = 0
+        if self.engine:
+            for path in settled:
+                claimed += self.claim(path)
+        if self.unfinished:
+            retry, self.unfinished = self.unfinished, []
+            for args in retry:
+                self.finish(*args)
+        self.counts['scans'] += 1
+        self.last = {'lastScan': _records.stamp(), 'scanSecs': round(scan_wall, 4), 'scanCpuSecs': round(scan_cpu, 4),
+                     'filesSeen': len(files), 'waiting': waiting, 'empty': empty}
+        level = logging.INFO if claimed else logging.DEBUG
+        log.log(level, 'scanner: pass over %d file(s) in %.3f s (cpu %.3f s): %d claimed, %d waiting, %d empty',
+                len(files), scan_wall, scan_cpu, claimed, waiting, empty)
+        self.report(force=True)
+
+    def claim(self, path):
+        """Rename a settled file into the .processing folder beside it under a new speechID."""
+        folder, name = os.path.split(path)
+        item = Item(_packet.new_speech_id(), os.path.join(folder, PROCESSING), utf8_name(name))
+        for attempt in (1, 2):
+            try:
+                os.rename(path, item.path)
+                break
+            except FileNotFoundError:
+                if attempt == 2 or os.path.isdir(item.folder):
+                    self.settler.forget(path)    # taken away meanwhile
+                    return 0
+                try:
+                    os.mkdir(item.folder)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    return self._cannot_claim(path, exc)
+            except OSError as exc:
+                return self._cannot_claim(path, exc)
+        self.settler.forget(path)
+        self.stuck.pop(path, None)
+        self.items[item.sid] = item
+        self.queue.append(item)
+        self.counts['claimedTotal'] += 1
+        log.debug('scanner: claimed %s as speechID=%s', path, item.sid)
+        return 1
+
+    def _cannot_claim(self, path, exc):
+        sig = self.settler.previous.get(path)
+        if self.stuck.get(path) != sig:
+            # Once per version of the file, not at every pass.
+            log.error('scanner: cannot claim %s: %s', path, exc)
+            self.stuck[path] = sig
+        return 0
+
+    def reclaim(self, item):
+        old = item.path
+        sid = _packet.new_speech_id()
+        try:
+            os.rename(old, os.path.join(item.folder, '%s__%s' % (sid, item.name)))
+        except OSError as exc:
+            log.error('scanner: cannot rename %s to a new speechID: %s', old, exc)
+            self.unfinished.append((item, Result.ERROR.value, 'ERROR', 'cannot take a new speechID: %s' % exc))
+            return False
+        log.warning('scanner: speechID=%s is used by another task; %s continues as speechID=%s',
+                    item.sid, item.name, sid)
+        if self.items.get(item.sid) is item:
+            del self.items[item.sid]
+        item.sid = sid
+        self.items[sid] = item
+        return True
+
+    def recover(self, folders):
+        """At start: what a previous run left claimed is finished from its record, or submitted first."""
+        found = []
+        for folder in folders:
+            try:
+                with os.scandir(folder) as it:
+                    for entry in it:
+                        match = CLAIMED_RE.match(entry.name)
+                        if match and entry.is_file(follow_symlinks=False):
+                            found.append(Item(match.group(1), folder, match.group(2)))
+                        elif not entry.name.startswith('.'):
+                            log.warning('scanner: %s is not a claimed file; left alone', entry.path)
+            except OSError as exc:
+                log.error('scanner: cannot list %s: %s', folder, exc)
+        if not found:
+            return
+        found.sort(key=lambda item: item.sid)
+        # New speechIDs must never repeat one of these, even after the clock stepped back.
+        _packet.new_speech_id(datetime.datetime.strptime(found[-1].sid, '%Y%m%d_%H%M%S_%f'))
+        outcomes = recorded_outcomes(self.records, [item.sid for item in found])
+        resumed = 0
+        for item in found:
+            if item.sid in self.items and not self.reclaim(item):
+                continue
+            self.items[item.sid] = item
+            outcome = outcomes.get(item.sid)
+            if outcome is not None:
+                log.info('scanner: speechID=%s %s was already recorded (%s); moving it out, not running it again',
+                         item.sid, item.name, outcome[0])
+                self.finish(item, *outcome)
+            else:
+                self.queue.append(item)
+                resumed += 1
+        self.counts['recovered'] += len(found)
+        log.info('scanner: found %d claimed file(s) from before: %d submitted again, %d already recorded',
+                 len(found), resumed, len(found) - resumed)
+
+    # ------------------------------------------------------------ moving out
+
+    def finish(self, item, result, state, message):
+        """Move a claimed file out once its task is recorded: deleted or kept (scan_done_path)
+        on success, into error_backup_path with `<name>.reason` on failure."""
+        ok = result == Result.OK.value
+        try:
+            if ok and self.source_after == 'delete':
+                os.unlink(item.path)
+                where = 'deleted'
+            elif ok:
+                where = self.move_aside(item, self.done_root)
+            else:
+                reason = '%s\nspeechID=%s result=%s state=%s\n' % (message or 'failed', item.sid, result, state)
+                where = self.move_aside(item, self.error_root, reason[:REASON_MAX])
+        except FileNotFoundError:
+            where = 'already gone'
+            log.warning('scanner: speechID=%s %s was no longer in %s', item.sid, item.name, item.folder)
+        except OSError as exc:
+            log.error('scanner: speechID=%s: cannot move %s out (%s); trying again at the next pass',
+                      item.sid, item.path, exc)
+            self.unfinished.append((item, result, state, message))
+            return
+        item.done = True
+        self.items.pop(item.sid, None)
+        self.counts['done' if ok else 'failed'] += 1
+        log.info('scanner: speechID=%s %s %s: %s', item.sid, item.name, 'done' if ok else 'failed (%s)' % result, where)
+        try:
+            os.rmdir(item.folder)       # an empty .processing is not left behind
+        except OSError:
+            pass
+
+    def move_aside(self, item, root, reason=None):
+        rel = os.path.relpath(os.path.dirname(item.folder), self.root)
+        folder = root if rel == '.' else os.path.join(root, rel)
+        os.makedirs(folder, exist_ok=True)
+        dest = os.path.join(folder, item.name)
+        if os.path.lexists(dest):
+            dest = os.path.join(folder, '%s_%s' % (item.sid, item.name))
+        if reason is not None:
+            # The reason first: a crash before the move leaves the file claimed, to be moved at the next start.
+            tmp = '%s.reason.%d' % (dest, os.getpid())
+            with open(tmp, 'w', encoding='utf-8') as f:
+                f.write(reason)
+            os.replace(tmp, dest + '.reason')
+        try:
+            os.rename(item.path, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.move(item.path, dest)
+        return dest
+
+
+def main(sock, cfg, master_pid, close_fds=()):
+    """Entry point of the scanner process (multiprocessing target)."""
+    Scanner(sock, cfg, master_pid, close_fds).run()
+
+
+# ---------------------------------------------------------------- the master's end
+
+class ScannerLink:
+    """The master's end of the scanner: spawns and respawns it, admits what it submits
+    like a client's request, and tells it a task ended once the record is written.
+
+    It is also a reporter sink (handle() runs in the reporter thread, after the
+    records file): that is how "ended" is never told before the record exists.
+    Messages are JSON lines on a socketpair; the master's end is non-blocking and
+    buffered, so a scanner stuck on a dead NFS mount cannot stop the master's loop.
+    """
+
+    def __init__(self, master):
+        self.master = master
+        self.proc = None
+        self.sock = None
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+        self.active = set()                     # speechIDs admitted whose end the scanner has not been told
+        self.notices = collections.deque()      # (speechID, result, state, message) from the reporter thread
+        self.notify_r = self.notify_w = None
+        self.status = {}
+        self.started = None
+        self.respawn_at = None
+        self.respawn_delay = 0.0
+        self.restarts = 0
+        self.engine_told = None
+        self.stopping = False
+        self.reloading = False
+
+    @property
+    def enabled(self):
+        return bool(self.master.cfg['directory']['scan_enabled'])
+
+    @property
+    def gone(self):
+        return self.proc is None
+
+    def start(self):
+        self.notify_r, self.notify_w = socket.socketpair()
+        for s in (self.notify_r, self.notify_w):
+            s.setblocking(False)
+        self.master.sel.register(self.notify_r, selectors.EVENT_READ, (self._on_notify, None))
+        if self.enabled:
+            self.spawn()
+
+    def spawn(self):
+        m = self.master
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        inherited = [key.fd for key in m.sel.get_map().values()]
+        inherited += [m.wake_w.fileno(), ours.fileno(), self.notify_w.fileno()]
+        proc = MP.Process(target=main, name='scanner', args=(theirs, m.cfg, m.pid, inherited))
+        proc.start()
+        theirs.close()
+        self.proc, self.sock, self.started = proc, ours, time.monotonic()
+        self.rbuf.clear()
+        self.wbuf.clear()
+        self.status = {}
+        self.respawn_at = None
+        self.engine_told = None
+        m.sel.register(ours, selectors.EVENT_READ, (self._on_sock, None))
+        m.sel.register(proc.sentinel, selectors.EVENT_READ, (self._on_exit, None))
+        mlog.info('master: scanner started with pid %d', proc.pid)
+        self.tell_engine()
+
+    def _on_exit(self, _, mask):
+        proc = self.proc
+        if self.sock is not None:
+            self._read()                # what it said last still counts
+        proc.join(0.5)
+        code = proc.exitcode
+        self.master._unregister(proc.sentinel)
+        self._close_sock()
+        self.proc = None
+        why = 'signal %d' % -code if code is not None and code < 0 else 'exit status %s' % code
+        if self.stopping or self.reloading:
+            mlog.info('master: scanner (pid %d) ended with %s', proc.pid, why)
+            self.respawn_at = None if self.stopping else time.monotonic()
+            self.reloading = False
+            return
+        lived = time.monotonic() - self.started
+        delay = 1.0
+        if lived < BOOT_GRACE_SECS:
+            delay = min(MAX_RESPAWN_DELAY_SECS, max(1.0, 2 * self.respawn_delay))
+        self.respawn_delay = delay
+        self.respawn_at = time.monotonic() + delay
+        self.restarts += 1
+        mlog.error('master: scanner (pid %d) died with %s; a new one in %.0f s', proc.pid, why, delay)
+
+    def _close_sock(self):
+        if self.sock is not None:
+            self.master._unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+        self.wbuf.clear()
+
+    def _on_sock(self, _, mask):
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and self.sock is not None:
+            self._read()
+
+    def _read(self):
+        for _ in range(64):             # then let the loop serve others
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b''
+            if not data:
+                self.master._unregister(self.sock)
+                break
+            self.rbuf += data
+        for line in take_lines(self.rbuf):
+            try:
+                msg = json.loads(line)
+                kind = msg[0]
+            except (ValueError, IndexError, KeyError, TypeError):
+                mlog.error('master: unreadable message from the scanner: %r', line[:200])
+                continue
+            if kind == 'submit':
+                self.on_submit(msg[1])
+            elif kind == 'status':
+                self.status = msg[1]
+        if len(self.rbuf) > MAX_MESSAGE:
+            mlog.error('master: the scanner sent %d bytes without an end of line; killing it', len(self.rbuf))
+            self.rbuf.clear()
+            self.kill()
+
+    def on_submit(self, req):
+        sid = req.get('speechID') if isinstance(req, dict) else None
+        if sid in self.active:
+            return      # in flight already: a restarted scanner submits again what it found claimed
+        try:
+            req = _packet.check_transcribe(req)
+        except RequestError as exc:
+            self.send('rejected', sid, Result.BAD_REQUEST.value, exc.message)
+            return
+        outcome = self.master.admit(req, Source.SCANNER)
+        if outcome is not None:
+            result, message = outcome
+            mlog.debug('master: scanned speechID=%s not admitted: %s %s', sid, result.value, message)
+            self.send('rejected', sid, result.value, message)
+            return
+        # The worker leaves the source alone: the scanner moves it once the record is written.
+        self.master.tasks[sid].job['keep_source'] = True
+        self.active.add(sid)
+
+    def send(self, *msg):
+        if self.sock is None:
+            return
+        self.wbuf += json.dumps(msg).encode('ascii') + b'\n'
+        if len(self.wbuf) > MAX_SEND_BUFFER:
+            mlog.error('master: the scanner has not read %d bytes of messages; killing it', len(self.wbuf))
+            self.kill()
+            self.wbuf.clear()
+            return
+        self._flush()
+
+    def _flush(self):
+        while self.wbuf and self.sock is not None:
+            try:
+                n = self.sock.send(self.wbuf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                mlog.warning('master: cannot write to the scanner: %s', exc)
+                self.wbuf.clear()
+                break
+            del self.wbuf[:n]
+        if self.sock is not None:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0)
+            try:
+                key = self.master.sel.get_key(self.sock)
+            except KeyError:
+                return
+            if key.events != events:
+                self.master.sel.modify(self.sock, events, key.data)
+
+    # ------------------------------------------------------------ reporter sink (reporter thread)
+
+    def handle(self, event, record):
+        if event != _records.FINAL or record.get('source') != Source.SCANNER.value:
+            return
+        data = record.get('data', {})
+        self.notices.append((data.get('speechID'), data.get('result'), record.get('state'), record.get('message', '')))
+        try:
+            self.notify_w.send(b'\0')
+        except OSError:
+            pass            # full: the loop is already woken
+
+    def _on_notify(self, _, mask):
+        try:
+            while self.notify_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        self.flush_notices()
+
+    def flush_notices(self):
+        while self.notices:
+            sid, result, state, message = self.notices.popleft()
+            self.active.discard(sid)
+            # With no scanner to tell, the next one finds the record at its start.
+            self.send('ended', sid, result, state, (message or '')[:REASON_MAX])
+
+    # ------------------------------------------------------------ master's timers and commands
+
+    def tell_engine(self):
+        available = self.master.engine_available() and not self.master.stopping
+        if available != self.engine_told and self.sock is not None:
+            self.send('engine', available)
+            self.engine_told = available
+
+    def engine_changed(self, available):
+        """The master's hook when engine availability may have changed."""
+        if self.sock is not None:
+            self.tell_engine()
+
+    def tick(self, now):
+        self.flush_notices()
+        if self.sock is not None:
+            self.tell_engine()
+        elif self.respawn_at is not None and now >= self.respawn_at and not self.master.stopping and self.enabled:
+            self.spawn()
+
+    def describe(self):
+        if self.proc is None and not self.enabled:
+            return {'enabled': False}
+        body = dict(self.status)
+        body.update({'enabled': self.enabled, 'pid': self.proc.pid if self.proc else None,
+                     'alive': self.proc is not None, 'restarts': self.restarts, 'inFlight': len(self.active)})
+        return body
+
+    def stop(self):
+        """Graceful stop of the daemon: claimed files stay where the next start finds them."""
+        self.stopping = True
+        if self.sock is not None:
+            self.send('stop')
+        elif self.proc is not None:
+            _kill(self.proc.pid, signal.SIGTERM)
+
+    def reload(self):
+        """app.ini was reloaded: a new scanner with the new settings once the old one has left."""
+        if self.proc is not None:
+            self.reloading = True
+            self.send('stop')
+        elif self.enabled:
+            self.respawn_at = time.monotonic()
+
+    def signal(self, sig):
+        if self.proc is not None:
+            _kill(self.proc.pid, sig)
+
+    def kill(self):
+        if self.proc is not None:
+            _kill(self.proc.pid, signal.SIGKILL)
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
