@@ -628,7 +628,8 @@ class Master:
             if task is None:
                 continue
             if task.seq is None:
-                task.seq = self.next_seq()
+                # The task's database row id when the database has written it, else the day counter.
+                task.seq = (self.db.row_id(task.speech_id) if self.db else None) or self.next_seq()
             body = {k: v for k, v in task.request.items() if k != 'keepSource'}
             s = self.cfg['server']
             body.update({
