@@ -8,7 +8,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV" || exit 1
 fi
 STAMP="$VENV/.stamp-$(basename "$REQ")"
-SUM=$(cat "$HERE/requirements.txt" "$HERE/$REQ" | cksum | cut -d' ' -f1)
+SUM=$(cat "$HERE"/requirements*.txt | cksum | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$SUM" ]; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -r "$HERE/$REQ" || exit 1
     echo "$SUM" > "$STAMP"
