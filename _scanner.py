@@ -9,7 +9,6 @@ the reporter has written its record, and at start the scanner looks up the recor
 of what it finds in `.processing`, so a recorded task is never run a second time.
 """
 import collections
-import ctypes
 import datetime
 import errno
 import fnmatch
@@ -26,11 +25,11 @@ import socket
 import time
 from dataclasses import dataclass
 
+import _children
 import _config
 import _packet
 import _records
 from _packet import RequestError
-from _worker import _set_proc_title
 from _states import Result, Source
 
 log = logging.getLogger('scanner')
@@ -40,7 +39,6 @@ MP = multiprocessing.get_context('fork')
 PROCESSING = '.processing'
 CLAIMED_RE = re.compile(r'(\d{8}_\d{6}_\d{6})__(.+)\Z', re.S)
 SPEECH_ID_RE = re.compile(r'\d{8}_\d{6}_\d{6}')
-PR_SET_PDEATHSIG = 1
 # Results after which a rejected file stays claimed and is submitted again later.
 RETRY_RESULTS = (Result.UNAVAILABLE.value, Result.TOO_MANY.value)
 RETRY_SECS = 1.0
@@ -250,38 +248,14 @@ class Scanner:
     # ------------------------------------------------------------ process
 
     def run(self):
-        keep = self.sock.fileno()
-        for fd in self.close_fds:
-            if fd != keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        _set_proc_title('svcmgr: scanner')
-        _config.setup_logging(self.cfg, 'scanner')
-        self._signals()
-        try:
-            # The master's death must not leave us running (SIGKILL of the master).
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            log.warning('scanner: prctl(PR_SET_PDEATHSIG) unavailable')
-        if os.getppid() != self.master_pid:
-            return
         # A pass over a large drop is background work: the master's loop and the workers go first.
-        os.nice(SCANNER_NICE)
+        if not _children.become_child(self, self.cfg, 'svcmgr: scanner', 'scanner', self.master_pid,
+                                      self.close_fds, keep=(self.sock.fileno(),), nice=SCANNER_NICE):
+            return
         self.sock.setblocking(True)
         log.info('scanner: watching %s every %g s (pid %d)', self.root, self.interval, os.getpid())
         self.loop()
         log.info('scanner: stopped')
-
-    def _signals(self):
-        def term(signum, frame):
-            self.stopping = True
-        signal.signal(signal.SIGTERM, term)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, lambda s, f: setattr(self, 'reopen', True))
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def loop(self):
         next_pass = time.monotonic()

@@ -2,14 +2,13 @@
 master, opens the source safely, prepares the audio with PyAV, runs the engine
 channel by channel and sends progress and the result back.
 """
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import time
 
 import _audio
+import _children
 import _config
 from _states import Result, State
 
@@ -17,7 +16,6 @@ log = logging.getLogger('worker')
 
 # Words of one channel further apart than this start a new line in a stereo transcript.
 UTTERANCE_GAP_SECS = 0.8
-PR_SET_PDEATHSIG = 1
 WORKER_NICE = 5
 
 
@@ -113,26 +111,10 @@ class PacketAgent:
         self.conn.send(msg)
 
     def run(self):
-        # The master's sockets and other workers' pipes came along with the fork:
-        # holding them would keep client connections and the port open after the master closes them.
-        for fd in self.close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        _set_proc_title('svcmgr: worker %d' % self.id)
-        _config.setup_logging(self.cfg, self.name)
-        self._signals()
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            # The master's death must not leave us running (SIGKILL of the master).
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            log.warning('%s: prctl(PR_SET_PDEATHSIG) unavailable', self.name)
-        if os.getppid() != self.master_pid:
-            return
         # Workers yield the CPU to the master, so its loop answers promptly while every core decodes.
-        os.nice(WORKER_NICE)
+        if not _children.become_child(self, self.cfg, 'svcmgr: worker %d' % self.id, self.name, self.master_pid,
+                                      self.close_fds, nice=WORKER_NICE):
+            return
         self.engine.open()
         log.info('%s: ready (pid %d)', self.name, os.getpid())
         hb = float(self.cfg['setting']['heartbeat_secs'])
@@ -158,16 +140,6 @@ class PacketAgent:
             self.beat()
             self.handle(job)
         log.info('%s: stopped', self.name)
-
-    def _signals(self):
-        def term(signum, frame):
-            # Finish the job in hand, then leave (graceful stop, reload).
-            self.stopping = True
-        signal.signal(signal.SIGTERM, term)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR1, lambda s, f: setattr(self, 'reopen', True))
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     def handle(self, job):
         sid = job['speechID']
@@ -271,14 +243,6 @@ def _unlink(path, tag):
         pass
     except OSError as exc:
         log.warning('%s: could not remove %s: %s', tag, path, exc)
-
-
-def _set_proc_title(title):
-    try:
-        import setproctitle
-    except ImportError:
-        return
-    setproctitle.setproctitle(title)
 
 
 def main(worker_id, hb_index, conn, engine, cfg, heartbeats, master_pid, close_fds=()):

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import _children
 import _config
 import _db
 import _engine
@@ -1183,7 +1184,7 @@ def prepare_master(cfg, cfg_path):
 
 
 def run_master(cfg, cfg_path, listener, engine, ready_fd=None, psout=None):
-    _set_title('svcmgr: master %s' % cfg_path)
+    _children.set_title('svcmgr: master %s' % cfg_path)
     _config.setup_logging(cfg, 'master')
     if psout is not None:
         banner_start(psout, os.getpid())
@@ -1195,14 +1196,6 @@ def run_master(cfg, cfg_path, listener, engine, ready_fd=None, psout=None):
         if psout is not None:
             banner_end(psout)
         logging.shutdown()
-
-
-def _set_title(title):
-    try:
-        import setproctitle
-    except ImportError:
-        return
-    setproctitle.setproctitle(title)
 
 
 def cmd_start(cfg, cfg_path, foreground=False):

@@ -1,12 +1,11 @@
 """The legacy engine bridge (1001/2001 login, 3001/4001 Recognize) against the real
 daemon, with a scripted 1.0 engine that frames exactly as 1.0's Python 2 code did."""
-import json
 import os
 import wave
 
 import pytest
 
-from conftest import long_wav, transcribe_req, wait_for
+from conftest import transcribe_req, wait_for
 from legacy_engine import LegacyEngine, frame
 from test_daemon import assert_records_match, monitor
 

@@ -1,0 +1,62 @@
+"""What every child of the master (PacketAgent workers, the scanner) does first after
+the fork: drop the master's descriptors, take its process title and log file, die
+with the master, and let signals only set flags that its own loop acts on."""
+import ctypes
+import logging
+import os
+import signal
+
+import _config
+
+log = logging.getLogger('children')
+
+PR_SET_PDEATHSIG = 1
+
+
+def set_title(title):
+    """The process title `status` and `ps` show (e.g. 'svcmgr: worker 2')."""
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(title)
+
+
+def become_child(owner, cfg, title, log_name, master_pid, close_fds=(), keep=(), nice=0):
+    """Set up a freshly forked child; False when the master is already gone.
+
+    `owner` gets `stopping = True` on SIGTERM (finish the work in hand, then leave)
+    and `reopen = True` on SIGUSR1 (reopen log files).
+    """
+    # Holding the master's sockets would keep client connections and the port open after it closes them.
+    for fd in close_fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    set_title(title)
+    _config.setup_logging(cfg, log_name)
+    owner.stopping = False
+    owner.reopen = False
+
+    def term(signum, frame):
+        owner.stopping = True
+
+    def usr1(signum, frame):
+        owner.reopen = True
+    signal.signal(signal.SIGTERM, term)
+    signal.signal(signal.SIGUSR1, usr1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        # The master's SIGKILL must not leave us running.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        log.warning('%s: prctl(PR_SET_PDEATHSIG) unavailable', log_name)
+    if os.getppid() != master_pid:
+        return False
+    if nice:
+        os.nice(nice)
+    return True
