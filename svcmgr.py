@@ -604,6 +604,12 @@ class Master:
         self.seq += 1
         return self.seq
 
+    def assign_seq(self, task):
+        """A task's number (3001 seq, records, webhook): its database row id when the
+        database has written the row, else the per-day counter."""
+        if task.seq is None:
+            task.seq = (self.db.row_id(task.speech_id) if self.db else None) or self.next_seq()
+
     def to_engine(self, task, prepared):
         """A worker prepared the audio of a remote-engine task: queue its 3001."""
         task.prepared = prepared
@@ -628,9 +634,7 @@ class Master:
             task = self.tasks.get(self.engine_queue.popleft())
             if task is None:
                 continue
-            if task.seq is None:
-                # The task's database row id when the database has written it, else the day counter.
-                task.seq = (self.db.row_id(task.speech_id) if self.db else None) or self.next_seq()
+            self.assign_seq(task)
             body = {k: v for k, v in task.request.items() if k != 'keepSource'}
             s = self.cfg['server']
             body.update({
@@ -812,6 +816,7 @@ class Master:
             # in .processing and the next start submits it again under the same speechID.
             log.info('master: speechID=%s left claimed for the next start', task.speech_id)
             return
+        self.assign_seq(task)
         state = State(str(outcome.get('state', State.ERROR)))
         self.recently_ended[task.speech_id] = state.value
         if len(self.recently_ended) > 10000:
