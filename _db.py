@@ -18,7 +18,7 @@ import time
 
 import pymysql
 
-from _records import ACCEPTED, FINAL, STATE, stamp
+from _records import ACCEPTED, FINAL, STATE, stamp, write_synced
 
 log = logging.getLogger('db')
 
@@ -339,14 +339,7 @@ class Spool:
         data = data.encode('ascii')
         with self.lock:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_synced(self.path, data, os.O_APPEND | os.O_CREAT)
             self.count += len(events)
 
     def read(self):

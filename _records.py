@@ -15,6 +15,19 @@ log = logging.getLogger('records')
 ACCEPTED, STATE, FINAL = 'accepted', 'state', 'final'
 
 
+def write_synced(path, data, flags):
+    """Write all of `data` to `path` (opened with `flags`) and fsync it before returning:
+    the spool and the outbox promise that what they accepted survives a crash."""
+    fd = os.open(path, os.O_WRONLY | flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def stamp(t=None):
     """Local time as PROTOCOL.md writes it: YYYY.MM.DD HH:MM:SS.ffffff."""
     t = time.time() if t is None else t

@@ -25,7 +25,7 @@ import requests
 import urllib3
 
 from _packet import SPEECH_ID_RE
-from _records import ACCEPTED, FINAL, stamp
+from _records import ACCEPTED, FINAL, stamp, write_synced
 
 log = logging.getLogger('webhook')
 
@@ -242,14 +242,7 @@ class Outbox:
         folder = os.path.dirname(path)
         tmp = os.path.join(folder, '%s%s.%d.%d' % (TMP_PREFIX, os.path.basename(path), os.getpid(),
                                                    threading.get_ident()))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(tmp, data, os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
         try:
             if exclusive:
                 # link() never replaces: an entry another writer made meanwhile stays intact.
