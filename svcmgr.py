@@ -106,6 +106,7 @@ class WorkerSlot:
     done: int = 0
     killed_reason: str = None
     pipe_open: bool = True
+    told_to_leave: bool = False
 
 
 @dataclass(eq=False)
@@ -334,7 +335,8 @@ class Master:
     def _retire(self, slot):
         """Ask a worker to leave after its task (reload, stop)."""
         slot.retiring = True
-        if slot.task is None:
+        if slot.task is None and not slot.told_to_leave and slot.pipe_open:
+            slot.told_to_leave = True
             try:
                 slot.conn.send(None)
             except OSError:
@@ -1050,6 +1052,7 @@ class Master:
                     'state': State.ERROR, 'result': Result.UNAVAILABLE,
                     'message': 'the service manager stopped before the task finished'})
         if not self.tasks:
+            # Tasks ended by the deadline left their workers busy in our books only: release them too.
             for slot in list(self.workers.values()) + self.retired:
                 self._retire(slot)
         if now >= self.stop_deadline + 5:

@@ -14,6 +14,7 @@ import wave
 import av
 import pytest
 
+import _engine
 from _audio import AudioError, DUAL_MONO_MAX_DIFF, prepare
 from _states import Result, State
 
@@ -26,28 +27,20 @@ ENGINE_RATE = 16000
 
 
 @pytest.fixture(scope='module')
-def decoder():
-    from pocketsphinx import Decoder
-    return Decoder(samprate=ENGINE_RATE)
+def engine():
+    """The daemon's own pocketsphinx engine, loaded once."""
+    e = _engine.PocketSphinxEngine()
+    e.load()
+    return e
 
 
-def recognize(decoder, pcm):
-    # The front end keeps a noise estimate across utterances; resetting it makes
-    # each text independent of the tests that ran before.
-    decoder.reinit_feat()
-    decoder.start_utt()
-    decoder.process_raw(pcm, full_utt=True)
-    decoder.end_utt()
-    hyp = decoder.hyp()
-    return hyp.hypstr if hyp is not None else ''
+def recognize(engine, pcm):
+    return engine.recognize(pcm).text
 
 
-def words_with_times(decoder, pcm):
-    """[(start seconds, word)] of the last utterance, fillers and silences left out."""
-    recognize(decoder, pcm)
-    frame_rate = decoder.config['frate']
-    return [(seg.start_frame / frame_rate, seg.word.split('(')[0]) for seg in decoder.seg()
-            if not seg.word.startswith(('<', '['))]
+def words_with_times(engine, pcm):
+    """[(start seconds, word)], fillers and silences left out."""
+    return [(w.start, w.word) for w in engine.recognize(pcm).words]
 
 
 def fixture(name):
@@ -107,22 +100,22 @@ def write_silence(path, seconds, channels=1, rate=8000):
 # -- transcripts -------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', MONO)
-def test_mono_fixture_transcribes(decoder, name):
+def test_mono_fixture_transcribes(engine, name):
     prepared = prepare(fixture(name), ENGINE_RATE)
     assert (prepared.source_channels, prepared.channels, prepared.dual_mono) == (1, 1, False)
     assert len(prepared.engine_pcm) == 1
     assert abs(len(prepared.engine_pcm[0]) / 2 / ENGINE_RATE - prepared.duration) < 0.01
-    assert recognize(decoder, prepared.engine_pcm[0]) == EXPECTED[name]
+    assert recognize(engine, prepared.engine_pcm[0]) == EXPECTED[name]
 
 
-def test_stereo_call_per_channel_and_in_order(decoder):
+def test_stereo_call_per_channel_and_in_order(engine):
     want = EXPECTED['stereo_call.wav']
     prepared = prepare(fixture('stereo_call.wav'), ENGINE_RATE)
     assert (prepared.source_channels, prepared.channels, prepared.dual_mono) == (2, 2, False)
     assert len(prepared.engine_pcm) == 2
     words = []
     for channel, pcm in zip('AB', prepared.engine_pcm):
-        channel_words = words_with_times(decoder, pcm)
+        channel_words = words_with_times(engine, pcm)
         assert ' '.join(w for _t, w in channel_words) == want[channel]
         words += [(t, channel, w) for t, w in channel_words]
     # Merge both channels by time into turns, as the engine step will.
@@ -138,12 +131,12 @@ def test_stereo_call_per_channel_and_in_order(decoder):
         assert turn['start'] <= start < turn['end']
 
 
-def test_dual_mono_is_one_channel(decoder, tmp_path):
+def test_dual_mono_is_one_channel(engine, tmp_path):
     out = tmp_path / 'out'
     prepared = prepare(fixture('dual_mono.wav'), ENGINE_RATE, str(out), 'dm')
     assert (prepared.source_channels, prepared.channels, prepared.dual_mono) == (2, 1, True)
     assert len(prepared.engine_pcm) == 1
-    assert recognize(decoder, prepared.engine_pcm[0]) == EXPECTED['dual_mono.wav']
+    assert recognize(engine, prepared.engine_pcm[0]) == EXPECTED['dual_mono.wav']
     # The fixture's channels are not byte-equal: the tolerance did the work.
     both = wav_samples(fixture('dual_mono.wav'))
     assert both[0::2] != both[1::2]
@@ -217,10 +210,10 @@ def test_written_wav_is_the_engine_pcm_at_8k(tmp_path):
         assert pcm_samples(pcm) == wav_samples(str(tmp_path / name))
 
 
-def test_written_wav_transcribes(decoder, tmp_path):
+def test_written_wav_transcribes(engine, tmp_path):
     prepare(fixture('en_hello.wav'), ENGINE_RATE, str(tmp_path), 'again')
     prepared = prepare(str(tmp_path / 'again.wav'), ENGINE_RATE)
-    assert recognize(decoder, prepared.engine_pcm[0]) == EXPECTED['en_hello.wav']
+    assert recognize(engine, prepared.engine_pcm[0]) == EXPECTED['en_hello.wav']
 
 
 def test_default_stem_and_no_mp3(tmp_path):
