@@ -237,7 +237,7 @@ def _split(pcm):
     return samples[0::2], samples[1::2]
 
 
-def _little_endian(buf):
+def little_endian(buf):
     if sys.byteorder == 'little':
         return buf
     samples = array.array('h')
@@ -382,7 +382,7 @@ class _Decode:
         keep = 1 if self.channels == 1 or self.dual_mono else 2
         pcm = []
         for chunks in self.chunks[:keep]:
-            pcm.append(_little_endian(b''.join(chunks)))
+            pcm.append(little_endian(b''.join(chunks)))
             chunks.clear()      # frees them before the next channel is joined
         return pcm
 

@@ -5,6 +5,7 @@ channel by channel and sends progress and the result back.
 import logging
 import os
 import shutil
+import stat
 import time
 
 import _audio
@@ -60,7 +61,6 @@ def open_source(candidates, roots):
 
 
 def _is_regular(fd):
-    import stat
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 

@@ -22,18 +22,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
+sys.path.insert(0, HERE)
 
 from conftest import Daemon, transcribe_req  # noqa: E402
+from core import pct  # noqa: E402
 from legacy_engine import LegacyEngine  # noqa: E402
 
 
 def marks(rec):
     return {m.split(' < ')[1]: float(m.split(' < ')[0]) for m in rec['processInterval']}
-
-
-def pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 def main():

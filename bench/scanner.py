@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 import _scanner  # noqa: E402
 from conftest import Daemon, transcribe_req  # noqa: E402
-from daemon import pct  # noqa: E402
+from core import pct  # noqa: E402
 from test_scanner import scanning  # noqa: E402
 
 

@@ -21,7 +21,6 @@ Usage: .venv/bin/python bench/vosk_memory.py [--workers 1,2,4] [--seconds 60]
 Needs requirements-vosk.txt installed.
 """
 import argparse
-import array
 import os
 import subprocess
 import sys
@@ -75,16 +74,7 @@ def make_speech(path, seconds):
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(RATE)
-        w.writeframes(_little_endian(bytes(out)))
-
-
-def _little_endian(pcm):
-    if sys.byteorder == 'little':
-        return pcm
-    a = array.array('h')
-    a.frombytes(pcm)
-    a.byteswap()
-    return a.tobytes()
+        w.writeframes(_audio.little_endian(bytes(out)))
 
 
 def mem(proc):

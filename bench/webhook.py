@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, 'tests'))
 sys.path.insert(0, ROOT)
 from conftest import Daemon, wait_for, transcribe_req  # noqa: E402
 from test_webhook import Receiver  # noqa: E402
+import core  # noqa: E402
 
 FIXTURE = 'en_morning.wav'       # the smallest speech fixture, about 1 s
 
@@ -47,8 +48,8 @@ class MonitorProbe(threading.Thread):
 
 
 def pct(values, p):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
+    """Percentile in milliseconds."""
+    return core.pct(values, p) * 1000
 
 
 def run(n, workers, webhook, delay, concurrency, period):

@@ -6,7 +6,7 @@
 - scaling: the daemon with 2 workers vs 1 (target >= 1.8x);
 - Monitor latency p50/p99 while every worker is busy and 100 tasks queue (target p99 < 20 ms).
 
-Usage: .venv/bin/python bench/daemon.py [--files 100] [--workers 2]
+Usage: .venv/bin/python bench/core.py [--files 100] [--workers 2]
 """
 import argparse
 import multiprocessing
