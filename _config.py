@@ -53,7 +53,8 @@ session_timeout_secs = float(min=0.1, max=86400, default=30)
 graceful_timeout_secs = float(min=0, max=3600, default=30)
 # Period of the CPU, memory, disk and process snapshot that Monitor answers from.
 monitor_interval_secs = float(min=0.1, max=3600, default=5)
-# Period of the workers' heartbeats; a worker silent longer than a task deadline is killed.
+# Period of the workers' heartbeats; an idle worker silent for 5 periods (at least 10 s) is killed
+# and replaced (a busy one is bounded by session_timeout_secs).
 heartbeat_secs = float(min=0.1, max=3600, default=2)
 # Pid file of the daemon; lets stop and status find it without grepping ps.
 pidfile = path(default='svcmgr.pid')
@@ -63,7 +64,8 @@ psout = path(default='psout.log')
 [task]
 # Also write a 64 kbit/s MP3 of each call into audio_target_path.
 mp3_backup = boolean(default=True)
-# Where a scanned file goes when its task fails.
+# Where a source that failed goes: scanned files always, a client's when source_after = delete;
+# a <name>.reason text is written beside it.
 error_backup_path = path(default='error')
 # Keep the converted WAVs after recognition (disk space against being able to re-run).
 keep_wav = boolean(default=True)
@@ -118,11 +120,11 @@ image_seq = integer(min=0, max=2147483647, default=0)
 type = option('pocketsphinx', 'vosk', 'remote', default='pocketsphinx')
 # pocketsphinx: empty = the English model in its wheel; vosk: a model folder or 'ko'.
 model = string(default='')
-# Sample rate of the WAV given to the engine, in Hz; 0 = the engine's own.
+# vosk: the rate (Hz) of the audio given to the model; 0 = the model folder's. pocketsphinx: its own.
 sample_rate = integer(min=0, max=192000, default=0)
-# Engine instances loaded at once (each holds a model in memory).
+# remote: how many engines may be logged in at once (1.0 had one).
 engine_slots = integer(min=1, max=1000, default=1)
-# Recognitions running at once across all slots.
+# remote: tasks one logged-in engine is given at once (least busy engine first).
 engine_concurrency = integer(min=1, max=10000, default=1)
 
 [webhook]
