@@ -22,6 +22,12 @@ def set_title(title):
     setproctitle.setproctitle(title)
 
 
+def title_of(proc):
+    """The title of a psutil.Process as set_title wrote it. psutil splits a rewritten
+    command line at spaces or at NULs depending on how it was padded, so join it back."""
+    return ' '.join(proc.cmdline()).strip()
+
+
 def become_child(owner, cfg, title, log_name, master_pid, close_fds=(), keep=(), nice=0):
     """Set up a freshly forked child; False when the master is already gone.
 

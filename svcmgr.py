@@ -1172,10 +1172,10 @@ def read_pid(cfg):
 def is_master(pid):
     import psutil
     try:
-        cmd = psutil.Process(pid).cmdline()
+        title = _children.title_of(psutil.Process(pid))
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return bool(cmd) and cmd[0].startswith('svcmgr: master')
+    return title.startswith('svcmgr: master')
 
 
 def prepare_master(cfg, cfg_path):
@@ -1327,10 +1327,10 @@ def cmd_status(cfg):
         return 3
     master = psutil.Process(pid)
     print('%-8s %-8s %s' % ('PID', 'ROLE', 'TITLE'))
-    print('%-8d %-8s %s' % (pid, 'master', ' '.join(master.cmdline())))
+    print('%-8d %-8s %s' % (pid, 'master', _children.title_of(master)))
     for child in master.children(recursive=True):
         try:
-            title = ' '.join(child.cmdline())
+            title = _children.title_of(child)
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         role = title.split()[1] if title.startswith('svcmgr: ') else 'other'

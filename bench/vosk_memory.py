@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 import _audio  # noqa: E402
-from conftest import FIXTURES, Daemon, transcribe_req, wait_for  # noqa: E402
+from conftest import FIXTURES, Daemon, title_of, transcribe_req, wait_for  # noqa: E402
 
 RATE = 16000
 MB = 1 << 20
@@ -83,7 +83,7 @@ def mem(proc):
 
 
 def wait_workers(d, n):
-    return wait_for(lambda: len(d.workers()) == n and sorted(d.workers(), key=lambda p: p.cmdline()[0]),
+    return wait_for(lambda: len(d.workers()) == n and sorted(d.workers(), key=title_of),
                     60, '%d workers' % n)
 
 
@@ -127,7 +127,7 @@ def run(base, workers, audio):
         # Pass 1, nothing else running: the real-time factors and the memory afterwards.
         cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
         records = batch(d, workers, audio, 'rtf')
-        cpu = {int(p.cmdline()[0].split()[-1]): sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs}
+        cpu = {int(title_of(p).split()[-1]): sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs}
         time.sleep(0.5)
         used = {rec['worker'] for rec in records}
         after = {p.pid: mem(p) for p in procs}

@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
 sys.path.insert(0, ROOT)
 
+from _children import title_of  # noqa: E402
 from _packet import FrameDecoder, encode  # noqa: E402
 
 
@@ -185,7 +186,7 @@ class Daemon:
         out = []
         for p in self.processes()[1:]:
             try:
-                if p.cmdline() and p.cmdline()[0].startswith('svcmgr: worker'):
+                if title_of(p).startswith('svcmgr: worker'):
                     out.append(p)
             except psutil.NoSuchProcess:
                 pass

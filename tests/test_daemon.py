@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, expected_texts, long_wav, transcribe_req, wait_for
+from conftest import ROOT, expected_texts, long_wav, title_of, transcribe_req, wait_for
 from _packet import encode
 
 TEXTS = expected_texts()
@@ -372,7 +372,7 @@ def test_lifecycle_start_status_stop(make_daemon):
     assert r.returncode == 0
     roles = [line.split()[1] for line in r.stdout.splitlines()[1:]]
     assert roles.count('master') == 1 and roles.count('worker') == 2
-    titles = sorted(p.cmdline()[0].strip() for p in d.workers())
+    titles = sorted(title_of(p) for p in d.workers())
     assert titles == ['svcmgr: worker 1', 'svcmgr: worker 2']
     psout = d.psout()
     assert '================[ Program Start ]====' in psout
@@ -480,3 +480,23 @@ def test_run_in_foreground(make_daemon):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_master_is_recognised_whatever_its_argv(tmp_path):
+    """./start.sh runs `python svcmgr.py start`: a title longer than that argv is read back
+    by psutil split at spaces, and the pidfile check must still know the master."""
+    import svcmgr
+    (tmp_path / 's.py').write_text('import os, setproctitle, time\n'
+                                   'setproctitle.setproctitle("svcmgr: master " + os.environ["T"])\n'
+                                   'print("ready", flush=True)\ntime.sleep(60)\n')
+    # a short argv, as start.sh's, and a title longer than it
+    proc = subprocess.Popen([sys.executable, 's.py'], cwd=str(tmp_path), stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, T='/a/rather/long/path/to/the/app.ini'))
+    try:
+        assert proc.stdout.readline().strip() == 'ready'
+        assert title_of(psutil.Process(proc.pid)) == 'svcmgr: master /a/rather/long/path/to/the/app.ini'
+        assert svcmgr.is_master(proc.pid)
+        assert not svcmgr.is_master(os.getpid())
+    finally:
+        proc.kill()
+        proc.wait()

@@ -15,7 +15,7 @@ import pytest
 
 import _config
 import _scanner
-from conftest import FIXTURES, expected_texts, long_wav, wait_for
+from conftest import FIXTURES, expected_texts, long_wav, title_of, wait_for
 
 TEXTS = expected_texts()
 EN = sorted(n for n in os.listdir(FIXTURES) if n.startswith('en_') and n.endswith('.wav'))
@@ -308,7 +308,7 @@ def monitor(d):
 def scanner_proc(d):
     for p in d.processes()[1:]:
         try:
-            if p.cmdline() and p.cmdline()[0].startswith('svcmgr: scanner'):
+            if title_of(p).startswith('svcmgr: scanner'):
                 return p
         except psutil.NoSuchProcess:
             pass
