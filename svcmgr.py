@@ -53,7 +53,6 @@ class Conn:
     sock: socket.socket
     addr: tuple
     decoder: _packet.FrameDecoder
-    kind: str = 'client'
     wbuf: bytearray = field(default_factory=bytearray)
     tasks: set = field(default_factory=set)
     partial_since: float = None
@@ -584,7 +583,6 @@ class Master:
             self.send(conn, Type.LOGIN_RESP, code.value)
             return
         conn.engine = EngineConn(conn, time.time())
-        conn.kind = 'engine'
         self.engines[conn] = conn.engine
         log.info('master: engine %s logged in (%d of %d slot(s))', conn.name, len(self.engines), self.engine_slots)
         self.send(conn, Type.LOGIN_RESP, Result.OK.value)
