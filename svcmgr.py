@@ -82,7 +82,6 @@ class Task:
     marks: list = field(default_factory=list)
     worker: int = None
     attempts: int = 0
-    disconnected: bool = False
     engine: object = None     # the EngineConn that holds this task's 3001
     prepared: dict = None     # the worker's prepared files, for the 3001
     seq: int = None
@@ -533,10 +532,6 @@ class Master:
             pass
         if conn.engine is not None:
             self.engine_lost(conn.engine)
-        for sid in conn.tasks:
-            task = self.tasks.get(sid)
-            if task is not None:
-                task.disconnected = True
         if conn.tasks:
             log.info('master: %s left with %d task(s) in progress; they finish and are recorded with result 8',
                      conn.name, len(conn.tasks))
@@ -827,7 +822,7 @@ class Master:
         conn = task.conn
         if conn is not None:
             conn.tasks.discard(task.speech_id)
-        if conn is not None and not conn.closed and not task.disconnected:
+        if conn is not None and not conn.closed:
             self.send(conn, Type.TRANSCRIBE_RESP, self.response(task, outcome, state, result))
         elif task.source == Source.CLIENT:
             result = Result.DISCONNECTED
