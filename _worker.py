@@ -171,8 +171,7 @@ class PacketAgent:
         try:
             prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
                                       audio_path=job['audioPath'], stem=job['stem'],
-                                      mp3_backup=job['mp3_backup'],
-                                      max_seconds=job.get('max_seconds', 4 * 3600))
+                                      mp3_backup=job['mp3_backup'])
         finally:
             os.close(fd)
         log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, real, prepared.duration,

@@ -788,7 +788,6 @@ class Master:
             'mp3_backup': bool(t['mp3_backup']), 'keep_wav': bool(t['keep_wav']),
             'source_after': t['source_after'], 'keep_source': bool(req.get('keepSource')),
             'error_backup_path': t['error_backup_path'],
-            'max_seconds': 4 * 3600,
         }
 
     # ------------------------------------------------------------ ending tasks
