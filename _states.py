@@ -28,17 +28,25 @@ class State(str, Enum):
         return self not in (State.NONE, State.INIT, State.CONVERT, State.RECOGNIZE)
 
 
-# A running task may only move forward along this order; final states end it.
-RUNNING_ORDER = (State.INIT, State.CONVERT, State.RECOGNIZE)
+# The moves of a running task: forward along INIT -> CONVERT -> RECOGNIZE (RECOGNIZE straight
+# from INIT when a worker reports it first), back to INIT only to retry on another worker, and
+# into any final state. A final state never moves again (supervisor's states.py idea).
+_FORWARD = {
+    State.INIT: (State.CONVERT, State.RECOGNIZE),
+    State.CONVERT: (State.RECOGNIZE,),
+    State.RECOGNIZE: (),
+}
 
 
-def can_move(old, new):
-    """True when a task in state `old` may move to state `new`."""
-    if old.final:
+def can_move(old, new, retry=False):
+    """True when a task in state `old` may move to state `new` (`retry`: back to INIT)."""
+    if old.final or old not in _FORWARD:
         return False
     if new.final:
         return True
-    return RUNNING_ORDER.index(new) >= RUNNING_ORDER.index(old)
+    if retry:
+        return new == State.INIT and old != State.INIT
+    return new in _FORWARD[old]
 
 
 class Result(str, Enum):
@@ -76,6 +84,26 @@ class Source(str, Enum):
     """Where a task came from."""
     CLIENT = 'client'
     SCANNER = 'scanner'
+    HTTP = 'http'
 
     def __str__(self):
         return self.value
+
+
+class WorkerMsg(str, Enum):
+    """What a worker sends the master on its pipe: (kind, speechID, payload)."""
+    STATE = 'state'         # payload: the State the task moved to
+    DONE = 'done'           # payload: the Outcome
+
+
+class LinkMsg(str, Enum):
+    """Kinds of the JSON-line messages between the master and its helper processes
+    (scanner, web): each line is [kind, ...]."""
+    SUBMIT = 'submit'       # child -> master: a request to admit
+    STATUS = 'status'       # child -> master: what Monitor shows of the child
+    REJECTED = 'rejected'   # master -> child: a submitted request was not admitted
+    ADMITTED = 'admitted'   # master -> child: a submitted request became a task
+    ENDED = 'ended'         # master -> child: a task ended and its record is written
+    ENGINE = 'engine'       # master -> child: whether an engine is available
+    SNAPSHOT = 'snapshot'   # master -> child: the state Monitor shows, for the web
+    STOP = 'stop'           # master -> child: finish and leave
