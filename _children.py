@@ -1,8 +1,11 @@
 """What every child of the master (PacketAgent workers, the scanner) does first after
 the fork: drop the master's descriptors, take its process title and log file, die
-with the master, and let signals only set flags that its own loop acts on."""
+with the master, and let signals only set flags that its own loop acts on; and what
+the master needs to supervise children: the fork context, exit reasons, respawn backoff.
+"""
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 
@@ -66,3 +69,49 @@ def become_child(owner, cfg, title, log_name, master_pid, close_fds=(), keep=(),
     if nice:
         os.nice(nice)
     return True
+
+
+# ---------------------------------------------------------------- supervision (the master's side)
+
+# Children are forked, named explicitly (rq's worker_pool does the same): the model is
+# loaded once before the fork and its pages are shared.
+MP = multiprocessing.get_context('fork')
+
+# A child that exits this soon after it started failed to boot: respawning it at once
+# would only make it fail again in a loop (gunicorn's WORKER_BOOT_ERROR idea).
+BOOT_GRACE_SECS = 2.0
+MAX_RESPAWN_DELAY_SECS = 30.0
+
+
+def exit_reason(code):
+    """'signal 9' or 'exit status 0' for a Process.exitcode."""
+    return 'signal %d' % -code if code is not None and code < 0 else 'exit status %s' % code
+
+
+class Backoff:
+    """The delay before a child is started again: `base` after a normal death, doubling
+    from 1 s up to MAX_RESPAWN_DELAY_SECS while it keeps failing within BOOT_GRACE_SECS."""
+
+    def __init__(self, base=0.0):
+        self.base = base
+        self.delay = 0.0
+
+    def next(self, lived, excused=False):
+        """The delay after a child that lived `lived` seconds; `excused`: its quick end was
+        not its own fault (killed, or it held a task that may have killed it)."""
+        if lived < BOOT_GRACE_SECS and not excused:
+            self.delay = min(MAX_RESPAWN_DELAY_SECS, max(1.0, 2 * self.delay))
+        else:
+            self.delay = self.base
+        return self.delay
+
+    @property
+    def failing(self):
+        return self.delay > self.base
+
+
+def signal_pid(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
