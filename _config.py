@@ -445,6 +445,11 @@ def load(path: str) -> configobj.ConfigObj:
     return cfg
 
 
+def inside(path: str, roots) -> bool:
+    """True when the absolute, resolved `path` is one of `roots` ([directory] allowed_roots) or below one."""
+    return any(path == root or path.startswith(root.rstrip('/') + '/') for root in roots)
+
+
 def base_dir(cfg: configobj.ConfigObj) -> str:
     """The folder of the loaded app.ini, against which its relative paths were resolved."""
     return os.path.dirname(os.path.abspath(cfg.filename))

@@ -18,7 +18,8 @@ import time
 
 import pymysql
 
-from _records import ACCEPTED, FINAL, STATE, stamp, write_synced
+from _records import ACCEPTED, FINAL, STATE, TaskRecord, stamp, write_synced
+from _states import Mark
 
 log = logging.getLogger('db')
 
@@ -170,17 +171,6 @@ def _number(value, kind=float):
     return value if kind is not float or math.isfinite(value) else None
 
 
-def _timings(marks):
-    out = []
-    for mark in marks or ():
-        secs, sep, what = str(mark).partition(' < ')
-        try:
-            out.append({'mark': what, 'secs': float(secs)} if sep else {'mark': str(mark), 'secs': None})
-        except ValueError:
-            out.append({'mark': str(mark), 'secs': None})
-    return out
-
-
 def _base_values(ev, request, source, audio_path=None):
     request = request if isinstance(request, dict) else {}
     values = {'node': _text(ev.get('node'), 128), 'server_seq': _number(ev.get('serverSeq'), int),
@@ -197,7 +187,7 @@ def _base_values(ev, request, source, audio_path=None):
 
 def accepted_params(ev):
     p = ev['payload']
-    created = _time(p['startTime'])
+    created = _time(p['created'] if p.get('created') is not None else p['startTime'])
     values = dict.fromkeys(ACCEPTED_COLUMNS)
     values.update(_base_values(ev, p.get('request'), p.get('source'), p.get('audioPath')))
     values.update(speech_id=_text(p['speechID'], 64), created_at=created, state=_text(p.get('state') or 'INIT', 16),
@@ -212,30 +202,24 @@ def state_params(ev):
 
 
 def final_params(ev):
-    rec = ev['payload']
-    data = rec.get('data') or {}
-    created = _time(rec['startTime'])
-    finished = _time(rec['endTime'])
-    timings = _timings(rec.get('processInterval'))
-    got = [t['secs'] for t in timings if t['mark'] == 'WORKER_GET' and t['secs'] is not None]
-    ended = [t['secs'] for t in timings if t['mark'] == 'TRANSCRIBE_END' and t['secs'] is not None]
-    channels = rec.get('channels')
-    per_channel = channels if isinstance(channels, list) else None
-    count = rec.get('sourceChannels')
-    if count is None:
-        count = len(per_channel) if per_channel is not None else channels
+    rec = TaskRecord.from_dict(ev['payload'])
+    created, finished = _time(rec.created), _time(rec.ended)
+    got, ended = rec.mark_secs(Mark.WORKER_GET), rec.mark_secs(Mark.TRANSCRIBE_END)
+    per_channel = rec.channels or None
+    count = rec.source_channels if rec.source_channels is not None else (len(per_channel) if per_channel else None)
     values = dict.fromkeys(FINAL_COLUMNS)
-    values.update(_base_values(ev, rec.get('request'), rec.get('source')))
+    values.update(_base_values(ev, rec.request, rec.source.value, rec.audio_path))
     values.update(
-        speech_id=_text(data['speechID'], 64), created_at=created, state=_text(rec.get('state'), 16),
-        state_at=finished, worker=_number(rec.get('worker'), int),
-        started_at=created + datetime.timedelta(seconds=got[0]) if got else None,
-        result=_text(data.get('result'), 2), message=_text(rec.get('message'), _TEXT),
-        transcript=_text(data.get('transcript'), _BIG_TEXT), channel_transcripts=_json(per_channel),
-        timings=_json(timings), elapsed_secs=ended[-1] if ended else (finished - created).total_seconds(),
-        duration=_number(rec.get('duration')), channels=_number(count, int),
-        audio_wav=_text(rec.get('audioWAV'), 1024), audio_mp3=_text(rec.get('audioMP3'), 1024),
-        seq=_number(rec.get('seq'), int), finished_at=finished)
+        speech_id=_text(rec.speech_id, 64), created_at=created, state=_text(rec.state.value, 16),
+        state_at=finished, worker=_number(rec.worker, int),
+        started_at=created + datetime.timedelta(seconds=got) if got is not None else None,
+        result=_text(rec.result.value, 2), message=_text(rec.message, _TEXT),
+        transcript=_text(rec.transcript, _BIG_TEXT), channel_transcripts=_json(per_channel),
+        timings=_json([{'mark': mark.value, 'secs': secs} for mark, secs in rec.marks]),
+        elapsed_secs=ended if ended is not None else (finished - created).total_seconds(),
+        duration=_number(rec.duration), channels=_number(count, int),
+        audio_wav=_text(rec.audio_wav, 1024), audio_mp3=_text(rec.audio_mp3, 1024),
+        seq=_number(rec.seq, int), finished_at=finished)
     return [values[c] for c in FINAL_COLUMNS]
 
 
@@ -420,6 +404,7 @@ class DatabaseSink:
         self.params = connect_params(cfg)
         self.node = node_name(cfg)
         self.server_seq = int(cfg['server']['server_seq'])
+        self.version = cfg['setting']['version']
         self.rejected_path = os.path.join(records_dir, REJECTED_NAME)
         self.spool = Spool(os.path.join(records_dir, SPOOL_NAME), self.rejected_path)
         self.retry_min, self.retry_max = retry
@@ -441,6 +426,8 @@ class DatabaseSink:
     # ---- called from other threads: never touch the connection here
 
     def handle(self, event, payload):
+        if event == FINAL:
+            payload = payload.to_dict()     # the queue and the spool hold plain JSON
         if event in _STATEMENTS:
             self._put(('event', {'event': event, 'node': self.node, 'serverSeq': self.server_seq,
                                  'payload': payload}))
@@ -464,25 +451,22 @@ class DatabaseSink:
                 'replayed': self.replayed, 'rejected': self.rejected, 'lastError': self.last_error,
                 'lastErrorTime': stamp(self.last_error_at) if self.last_error_at else None}
 
-    def status_hook(self, master):
-        """Monitor's on_refresh: the node-status row from the master's counters and the snapshot."""
+    def status_hook(self, facts):
+        """Monitor's on_refresh: the node-status row from `facts()` (the master's engine and
+        task counts) and the snapshot."""
         started = time.time()
-        setting = master.cfg['setting']
 
         def refresh(snapshot):
-            # Runs in the monitor thread: only len() and attribute reads of the master's state.
-            queued = len(master.pending)
+            # Runs in the monitor thread; facts() only takes len()s and attributes of the master's state.
             cpu, mem = snapshot.get('cpu') or {}, snapshot.get('memory') or {}
             idle = cpu.get('idle')
-            self.status({
-                'node': self.node, 'server_seq': self.server_seq, 'version': setting['version'],
-                'pid': os.getpid(), 'status': 'running', 'engine_type': master.engine.name,
-                'engine_up': bool(master.engine_available()), 'workers': len(master.workers),
-                'tasks_running': max(0, len(master.tasks) - queued), 'tasks_queued': queued,
-                'max_tasks': master.max_tasks, 'cpu_percent': None if idle is None else round(100 - idle, 1),
-                'cpu': cpu, 'mem_total': mem.get('total'), 'mem_available': mem.get('available'),
-                'mem_percent': mem.get('percent'), 'disks': snapshot.get('disk'),
-                'started_at': started, 'updated_at': time.time()})
+            info = {'node': self.node, 'server_seq': self.server_seq, 'version': self.version, 'pid': os.getpid(),
+                    'status': 'running', 'cpu_percent': None if idle is None else round(100 - idle, 1),
+                    'cpu': cpu, 'mem_total': mem.get('total'), 'mem_available': mem.get('available'),
+                    'mem_percent': mem.get('percent'), 'disks': snapshot.get('disk'),
+                    'started_at': started, 'updated_at': time.time()}
+            info.update(facts())
+            self.status(info)
         return refresh
 
     def close(self, timeout=STOP_JOIN_SECS):

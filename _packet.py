@@ -195,6 +195,16 @@ def decode_json(ptype, body):
     return value
 
 
+def loose_json(body):
+    """The fields of a body that failed the checks, to echo them in the error answer:
+    a dict when the body is a JSON object at all, else None."""
+    try:
+        value = json.loads(bytes(body).decode('utf-8'))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # The speechID names files (records/webhook/<speechID>), so no path separators,
 # no leading dot (hidden files, '.', '..') and a bounded length.
 SPEECH_ID_RE = re.compile(r'[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,63}\Z')

@@ -1,7 +1,7 @@
 """The drop-folder scanner: a process that takes settled audio files from
 audio_source_path, claims each with an atomic rename into a `.processing` folder
-beside it, submits it to the master and moves it out once its task is recorded;
-and ScannerLink, the master's end of that process.
+beside it, submits it to the master and moves it out once its task is recorded.
+The master's end of it is _scanner_link.ScannerLink.
 
 Exactly once: a claimed file is named `<speechID>__<name>`, so a restart submits it
 again under the same speechID; the master tells the scanner a task ended only after
@@ -14,14 +14,10 @@ import errno
 import fnmatch
 import json
 import logging
-import multiprocessing
 import os
 import re
 import select
-import selectors
 import shutil
-import signal
-import socket
 import time
 from dataclasses import dataclass
 
@@ -29,13 +25,11 @@ import _children
 import _config
 import _packet
 import _records
-from _packet import RequestError
-from _states import Result, Source
+from _link import encode_line, take_lines
+from _states import LinkMsg, Result, Source
 
 log = logging.getLogger('scanner')
-mlog = logging.getLogger('master')     # ScannerLink runs in the master
 
-MP = multiprocessing.get_context('fork')
 PROCESSING = '.processing'
 CLAIMED_RE = re.compile(r'(\d{8}_\d{6}_\d{6})__(.+)\Z', re.S)
 SPEECH_ID_RE = re.compile(r'\d{8}_\d{6}_\d{6}')
@@ -47,10 +41,6 @@ STATUS_SECS = 0.5
 # recognition slot, if more): admission starts a task's session deadline, so scanned
 # files waiting in a deep queue would time out.
 TASKS_PER_WORKER = 2
-MAX_MESSAGE = 4 << 20         # a line longer than this means the other end is broken
-MAX_SEND_BUFFER = 16 << 20    # the scanner has stopped reading: it hangs
-BOOT_GRACE_SECS = 2.0
-MAX_RESPAWN_DELAY_SECS = 30.0
 REASON_MAX = 2000
 SCANNER_NICE = 5
 
@@ -171,16 +161,6 @@ def recorded_outcomes(folder, speech_ids):
 
 # ---------------------------------------------------------------- the scanner process
 
-def take_lines(buf):
-    """Cut the complete lines (JSON messages, one a line) off the front of bytearray `buf`."""
-    end = buf.rfind(b'\n')
-    if end < 0:
-        return []
-    lines = bytes(buf[:end]).split(b'\n')
-    del buf[:end + 1]
-    return lines
-
-
 @dataclass(eq=False)
 class Item:
     """A claimed file: `<folder>/<speechID>__<name>`, folder being a `.processing`."""
@@ -289,7 +269,7 @@ class Scanner:
     # ------------------------------------------------------------ messages
 
     def send(self, *msg):
-        self.sock.sendall(json.dumps(msg).encode('ascii') + b'\n')
+        self.sock.sendall(encode_line(*msg))
 
     def receive(self, timeout):
         ready, _, _ = select.select([self.sock], [], [], timeout)
@@ -310,8 +290,12 @@ class Scanner:
             self.handle(msg)
 
     def handle(self, msg):
-        kind = msg[0]
-        if kind == 'ended':
+        try:
+            kind = LinkMsg(msg[0])
+        except (ValueError, IndexError, TypeError):
+            log.warning('scanner: unknown message %r from the master', msg[:1])
+            return
+        if kind == LinkMsg.ENDED:
             _, sid, result, state, message = msg
             self.outstanding.discard(sid)
             item = self.items.get(sid)
@@ -319,7 +303,7 @@ class Scanner:
                 log.debug('scanner: speechID=%s ended but is not ours (already moved out)', sid)
                 return
             self.finish(item, result, state, message)
-        elif kind == 'rejected':
+        elif kind == LinkMsg.REJECTED:
             _, sid, result, message = msg
             self.outstanding.discard(sid)
             item = self.items.get(sid)
@@ -337,10 +321,10 @@ class Scanner:
             else:
                 log.warning('scanner: speechID=%s %s refused with %s: %s', sid, item.name, result, message)
                 self.finish(item, result, 'NONE', message)
-        elif kind == 'engine':
+        elif kind == LinkMsg.ENGINE:
             self.engine = bool(msg[1])
             log.info('scanner: %s', 'an engine is available' if self.engine else 'no engine available: paused')
-        elif kind == 'stop':
+        elif kind == LinkMsg.STOP:
             self.stopping = True
         else:
             log.warning('scanner: unknown message %r from the master', kind)
@@ -353,7 +337,7 @@ class Scanner:
             if item.done:
                 continue
             self.outstanding.add(item.sid)
-            self.send('submit', self.request(item))
+            self.send(LinkMsg.SUBMIT, self.request(item))
 
     def request(self, item):
         code, name = self.domain
@@ -370,7 +354,7 @@ class Scanner:
         at, before = self.reported
         now = time.monotonic()
         if force or (status != before and now - at >= STATUS_SECS):
-            self.send('status', status)
+            self.send(LinkMsg.STATUS, status)
             self.reported = (now, status)
 
     # ------------------------------------------------------------ passes
@@ -546,271 +530,3 @@ class Scanner:
 def main(sock, cfg, master_pid, close_fds=()):
     """Entry point of the scanner process (multiprocessing target)."""
     Scanner(sock, cfg, master_pid, close_fds).run()
-
-
-# ---------------------------------------------------------------- the master's end
-
-class ScannerLink:
-    """The master's end of the scanner: spawns and respawns it, admits what it submits
-    like a client's request, and tells it a task ended once the record is written.
-
-    It is also a reporter sink (handle() runs in the reporter thread, after the
-    records file): that is how "ended" is never told before the record exists.
-    Messages are JSON lines on a socketpair; the master's end is non-blocking and
-    buffered, so a scanner stuck on a dead NFS mount cannot stop the master's loop.
-    """
-
-    def __init__(self, master):
-        self.master = master
-        self.proc = None
-        self.sock = None
-        self.rbuf = bytearray()
-        self.wbuf = bytearray()
-        self.active = set()                     # speechIDs admitted whose end the scanner has not been told
-        self.notices = collections.deque()      # (speechID, result, state, message) from the reporter thread
-        self.notify_r = self.notify_w = None
-        self.status = {}
-        self.started = None
-        self.respawn_at = None
-        self.respawn_delay = 0.0
-        self.restarts = 0
-        self.engine_told = None
-        self.stopping = False
-        self.reloading = False
-
-    @property
-    def enabled(self):
-        return bool(self.master.cfg['directory']['scan_enabled'])
-
-    @property
-    def gone(self):
-        return self.proc is None
-
-    def start(self):
-        self.notify_r, self.notify_w = socket.socketpair()
-        for s in (self.notify_r, self.notify_w):
-            s.setblocking(False)
-        self.master.sel.register(self.notify_r, selectors.EVENT_READ, (self._on_notify, None))
-        if self.enabled:
-            self.spawn()
-
-    def spawn(self):
-        m = self.master
-        ours, theirs = socket.socketpair()
-        ours.setblocking(False)
-        inherited = [key.fd for key in m.sel.get_map().values()]
-        inherited += [m.wake_w.fileno(), ours.fileno(), self.notify_w.fileno()]
-        proc = MP.Process(target=main, name='scanner', args=(theirs, m.cfg, m.pid, inherited))
-        proc.start()
-        theirs.close()
-        self.proc, self.sock, self.started = proc, ours, time.monotonic()
-        self.rbuf.clear()
-        self.wbuf.clear()
-        self.status = {}
-        self.respawn_at = None
-        self.engine_told = None
-        m.sel.register(ours, selectors.EVENT_READ, (self._on_sock, None))
-        m.sel.register(proc.sentinel, selectors.EVENT_READ, (self._on_exit, None))
-        mlog.info('master: scanner started with pid %d', proc.pid)
-        self.tell_engine()
-
-    def _on_exit(self, _, mask):
-        proc = self.proc
-        if self.sock is not None:
-            self._read()                # what it said last still counts
-        proc.join(0.5)
-        code = proc.exitcode
-        self.master._unregister(proc.sentinel)
-        self._close_sock()
-        self.proc = None
-        why = 'signal %d' % -code if code is not None and code < 0 else 'exit status %s' % code
-        if self.stopping or self.reloading:
-            mlog.info('master: scanner (pid %d) ended with %s', proc.pid, why)
-            self.respawn_at = None if self.stopping else time.monotonic()
-            self.reloading = False
-            return
-        lived = time.monotonic() - self.started
-        delay = 1.0
-        if lived < BOOT_GRACE_SECS:
-            delay = min(MAX_RESPAWN_DELAY_SECS, max(1.0, 2 * self.respawn_delay))
-        self.respawn_delay = delay
-        self.respawn_at = time.monotonic() + delay
-        self.restarts += 1
-        mlog.error('master: scanner (pid %d) died with %s; a new one in %.0f s', proc.pid, why, delay)
-
-    def _close_sock(self):
-        if self.sock is not None:
-            self.master._unregister(self.sock)
-            self.sock.close()
-            self.sock = None
-        self.wbuf.clear()
-
-    def _on_sock(self, _, mask):
-        if mask & selectors.EVENT_WRITE:
-            self._flush()
-        if mask & selectors.EVENT_READ and self.sock is not None:
-            self._read()
-
-    def _read(self):
-        for _ in range(64):             # then let the loop serve others
-            try:
-                data = self.sock.recv(1 << 16)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                data = b''
-            if not data:
-                self.master._unregister(self.sock)
-                break
-            self.rbuf += data
-        for line in take_lines(self.rbuf):
-            try:
-                msg = json.loads(line)
-                kind = msg[0]
-            except (ValueError, IndexError, KeyError, TypeError):
-                mlog.error('master: unreadable message from the scanner: %r', line[:200])
-                continue
-            if kind == 'submit':
-                self.on_submit(msg[1])
-            elif kind == 'status':
-                self.status = msg[1]
-        if len(self.rbuf) > MAX_MESSAGE:
-            mlog.error('master: the scanner sent %d bytes without an end of line; killing it', len(self.rbuf))
-            self.rbuf.clear()
-            self.kill()
-
-    def on_submit(self, req):
-        sid = req.get('speechID') if isinstance(req, dict) else None
-        if sid in self.active:
-            return      # in flight already: a restarted scanner submits again what it found claimed
-        try:
-            req = _packet.check_transcribe(req)
-        except RequestError as exc:
-            self.send('rejected', sid, Result.BAD_REQUEST.value, exc.message)
-            return
-        outcome = self.master.admit(req, Source.SCANNER)
-        if outcome is not None:
-            result, message = outcome
-            mlog.debug('master: scanned speechID=%s not admitted: %s %s', sid, result.value, message)
-            self.send('rejected', sid, result.value, message)
-            return
-        # The worker leaves the source alone: the scanner moves it once the record is written.
-        self.master.tasks[sid].job['keep_source'] = True
-        self.active.add(sid)
-
-    def send(self, *msg):
-        if self.sock is None:
-            return
-        self.wbuf += json.dumps(msg).encode('ascii') + b'\n'
-        if len(self.wbuf) > MAX_SEND_BUFFER:
-            mlog.error('master: the scanner has not read %d bytes of messages; killing it', len(self.wbuf))
-            self.kill()
-            self.wbuf.clear()
-            return
-        self._flush()
-
-    def _flush(self):
-        while self.wbuf and self.sock is not None:
-            try:
-                n = self.sock.send(self.wbuf)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                mlog.warning('master: cannot write to the scanner: %s', exc)
-                self.wbuf.clear()
-                break
-            del self.wbuf[:n]
-        if self.sock is not None:
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.wbuf else 0)
-            try:
-                key = self.master.sel.get_key(self.sock)
-            except KeyError:
-                return
-            if key.events != events:
-                self.master.sel.modify(self.sock, events, key.data)
-
-    # ------------------------------------------------------------ reporter sink (reporter thread)
-
-    def handle(self, event, record):
-        if event != _records.FINAL or record.get('source') != Source.SCANNER.value:
-            return
-        data = record.get('data', {})
-        self.notices.append((data.get('speechID'), data.get('result'), record.get('state'), record.get('message', '')))
-        try:
-            self.notify_w.send(b'\0')
-        except OSError:
-            pass            # full: the loop is already woken
-
-    def _on_notify(self, _, mask):
-        try:
-            while self.notify_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        self.flush_notices()
-
-    def flush_notices(self):
-        while self.notices:
-            sid, result, state, message = self.notices.popleft()
-            self.active.discard(sid)
-            # With no scanner to tell, the next one finds the record at its start.
-            self.send('ended', sid, result, state, (message or '')[:REASON_MAX])
-
-    # ------------------------------------------------------------ master's timers and commands
-
-    def tell_engine(self):
-        available = self.master.engine_available() and not self.master.stopping
-        if available != self.engine_told and self.sock is not None:
-            self.send('engine', available)
-            self.engine_told = available
-
-    def engine_changed(self, available):
-        """The master's hook when engine availability may have changed."""
-        if self.sock is not None:
-            self.tell_engine()
-
-    def tick(self, now):
-        self.flush_notices()
-        if self.sock is not None:
-            self.tell_engine()
-        elif self.respawn_at is not None and now >= self.respawn_at and not self.master.stopping and self.enabled:
-            self.spawn()
-
-    def describe(self):
-        if self.proc is None and not self.enabled:
-            return {'enabled': False}
-        body = dict(self.status)
-        body.update({'enabled': self.enabled, 'pid': self.proc.pid if self.proc else None,
-                     'alive': self.proc is not None, 'restarts': self.restarts, 'inFlight': len(self.active)})
-        return body
-
-    def stop(self):
-        """Graceful stop of the daemon: claimed files stay where the next start finds them."""
-        self.stopping = True
-        if self.sock is not None:
-            self.send('stop')
-        elif self.proc is not None:
-            _kill(self.proc.pid, signal.SIGTERM)
-
-    def reload(self):
-        """app.ini was reloaded: a new scanner with the new settings once the old one has left."""
-        if self.proc is not None:
-            self.reloading = True
-            self.send('stop')
-        elif self.enabled:
-            self.respawn_at = time.monotonic()
-
-    def signal(self, sig):
-        if self.proc is not None:
-            _kill(self.proc.pid, sig)
-
-    def kill(self):
-        if self.proc is not None:
-            _kill(self.proc.pid, signal.SIGKILL)
-
-
-def _kill(pid, sig):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

@@ -25,7 +25,7 @@ import requests
 import urllib3
 
 from _packet import SPEECH_ID_RE
-from _records import ACCEPTED, FINAL, stamp, write_synced
+from _records import FINAL, stamp, write_synced
 
 log = logging.getLogger('webhook')
 
@@ -94,8 +94,8 @@ def outbox_dir(cfg):
 
 # ---------------------------------------------------------------- payload
 
-def build_payload(record, audio_path=None):
-    """The JSON body of a finished task, from the usage record the master built.
+def build_payload(record):
+    """The JSON body of a finished task, from its TaskRecord.
 
     Top level follows the protocol: `result` is the result code string ("0"), as in
     2002 and in the records. The 1.0 design's row fields are there too, under their
@@ -103,23 +103,23 @@ def build_payload(record, audio_path=None):
     callTime) at the top, and one row per channel in `segments`, where `result` is
     that channel's text as 1.0 named it.
     """
-    data = record.get('data') or {}
-    req = record.get('request') or {}
-    sid = data.get('speechID')
-    duration = record.get('duration')
-    reg_date, reg_time = _reg_date_time(record.get('startTime'))
-    channels = record.get('channels') or []
+    req = record.request or {}
+    sid = record.speech_id
+    duration = record.duration
+    start_time = stamp(record.created)
+    reg_date, reg_time = _reg_date_time(start_time)
+    channels = record.channels or []
     row = {'sttKey': sid, 'key': req.get('fileID'), 'filename': req.get('fileName'),
-           'seq': record.get('seq'), 'regDate': reg_date, 'regTime': reg_time, 'callTime': duration}
+           'seq': record.seq, 'regDate': reg_date, 'regTime': reg_time, 'callTime': duration}
     payload = {
         'speechID': sid,
-        'result': data.get('result'),
-        'state': record.get('state'),
+        'result': record.result.value,
+        'state': record.state.value,
     }
-    if record.get('message'):
-        payload['message'] = record['message']
+    if record.message:
+        payload['message'] = record.message
     payload.update({
-        'transcript': data.get('transcript', ''),
+        'transcript': record.transcript,
         'channels': channels,
         'duration': duration,
         'domainName': req.get('domainName'),
@@ -127,13 +127,13 @@ def build_payload(record, audio_path=None):
         'fileID': req.get('fileID'),
         'fileName': req.get('fileName'),
         'filePath': req.get('filePath'),
-        'audioPath': req.get('audioPath') or audio_path,
-        'audioWAV': record.get('audioWAV'),
-        'audioMP3': record.get('audioMP3'),
-        'source': record.get('source'),
-        'startTime': record.get('startTime'),
-        'endTime': record.get('endTime'),
-        'processInterval': record.get('processInterval', []),
+        'audioPath': req.get('audioPath') or record.audio_path,
+        'audioWAV': record.audio_wav,
+        'audioMP3': record.audio_mp3,
+        'source': record.source.value,
+        'startTime': start_time,
+        'endTime': stamp(record.ended),
+        'processInterval': record.to_line()['processInterval'],
     })
     payload.update(row)
     # The worker gives no per-channel times: a channel's segment spans the whole call.
@@ -689,21 +689,16 @@ class WebhookSink:
     def __init__(self, settings, outbox):
         self.outbox = outbox
         self.sender = Sender(outbox, settings)
-        self.audio_paths = {}         # speechID -> audioPath chosen at admission
 
     def start(self):
         self.sender.start()
 
     def handle(self, event, record):
-        if event == ACCEPTED:
-            self.audio_paths[record.get('speechID')] = record.get('audioPath')
-            return
         if event != FINAL:
             return
-        sid = (record.get('data') or {}).get('speechID')
-        payload = build_payload(record, self.audio_paths.pop(sid, None))
+        sid = record.speech_id
         try:
-            entry = self.outbox.new_entry(sid, payload)
+            entry = self.outbox.new_entry(sid, build_payload(record))
             name = self.outbox.add(entry)
         except ValueError as exc:
             log.error('webhook: %s', exc)

@@ -11,7 +11,9 @@ import time
 import _audio
 import _children
 import _config
-from _states import Result, State
+from _config import inside
+from _jobs import Outcome
+from _states import Result, State, WorkerMsg
 
 log = logging.getLogger('worker')
 
@@ -26,11 +28,6 @@ class JobError(Exception):
     def __init__(self, state, result, message):
         super().__init__(message)
         self.state, self.result, self.message = state, result, message
-
-
-def inside(path, roots):
-    """True when the absolute, resolved `path` is one of `roots` or below one."""
-    return any(path == root or path.startswith(root.rstrip('/') + '/') for root in roots)
 
 
 def open_source(candidates, roots):
@@ -102,13 +99,14 @@ class PacketAgent:
         self.stopping = False
         self.reopen = False
         self.src_alias = None
+        self.real = None              # the source file actually opened for the job in hand
         self.name = 'worker-%d' % worker_id
 
     def beat(self):
         self.heartbeats[self.hb_index] = time.monotonic()
 
-    def send(self, *msg):
-        self.conn.send(msg)
+    def send(self, kind, sid, payload):
+        self.conn.send((kind, sid, payload))
 
     def run(self):
         # Workers yield the CPU to the master, so its loop answers promptly while every core decodes.
@@ -142,51 +140,50 @@ class PacketAgent:
         log.info('%s: stopped', self.name)
 
     def handle(self, job):
-        sid = job['speechID']
+        sid = job.speech_id
         tag = '%s speechID=%s' % (self.name, sid)
+        self.real = None
         try:
             outcome = self.process(job, tag)
         except JobError as exc:
             log.warning('%s: %s', tag, exc.message)
-            outcome = {'state': exc.state, 'result': exc.result, 'message': exc.message}
+            outcome = Outcome.failed(exc.state, exc.result, exc.message)
         except _audio.AudioError as exc:
             # The audio was read through /proc/self/fd/N: name the real file instead.
-            message = exc.message.replace(self.src_alias or '\0', job.get('_real') or '?')
+            message = exc.message.replace(self.src_alias or '\0', self.real or '?')
             log.warning('%s: %s', tag, message)
-            outcome = {'state': exc.state, 'result': exc.result, 'message': message}
+            outcome = Outcome.failed(exc.state, exc.result, message)
             self.backup_failed_source(job, tag, message)
         except Exception as exc:  # the one catch-all of this loop: an engine failure must not kill us
             log.error('%s: engine failed: %s', tag, exc, exc_info=True)
-            outcome = {'state': State.ERROR, 'result': Result.ERROR, 'message': 'engine failed: %s' % exc}
-        outcome['state'] = str(outcome['state'])
-        outcome['result'] = str(outcome['result'])
-        self.send('done', sid, outcome)
+            outcome = Outcome.failed(State.ERROR, Result.ERROR, 'engine failed: %s' % exc)
+        self.send(WorkerMsg.DONE, sid, outcome)
 
     def process(self, job, tag):
-        sid = job['speechID']
-        self.send('state', sid, str(State.CONVERT))
-        fd, real = open_source(job['candidates'], job['roots'])
-        job['_real'] = real
+        sid = job.speech_id
+        self.send(WorkerMsg.STATE, sid, State.CONVERT.value)
+        fd, real = open_source(job.candidates, job.roots)
+        self.real = real
         self.src_alias = '/proc/self/fd/%d' % fd
         try:
             prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
-                                      audio_path=job['audioPath'], stem=job['stem'],
-                                      mp3_backup=job['mp3_backup'])
+                                      audio_path=job.audio_path, stem=job.stem,
+                                      mp3_backup=job.mp3_backup)
         finally:
             os.close(fd)
         log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, real, prepared.duration,
                  prepared.source_channels, ', dual mono' if prepared.dual_mono else '')
         self.beat()
+        done = Outcome(State.DONE, Result.OK, duration=round(prepared.duration, 3),
+                       source_channels=prepared.source_channels,
+                       audio_wav=prepared.audio_wav, audio_mp3=prepared.audio_mp3)
         if not self.engine.embedded:
             # A remote engine reads the prepared files; the master sends it the 3001.
-            if job['source_after'] == 'delete' and not job['keep_source']:
+            if job.source_after == 'delete' and not job.keep_source:
                 _unlink(real, tag)
-            return {
-                'state': State.RECOGNIZE, 'result': Result.OK, 'prepared': True,
-                'channels': prepared.source_channels, 'duration': round(prepared.duration, 3),
-                'audioWAV': prepared.audio_wav, 'audioMP3': prepared.audio_mp3,
-            }
-        self.send('state', sid, str(State.RECOGNIZE))
+            done.state, done.prepared = State.RECOGNIZE, True
+            return done
+        self.send(WorkerMsg.STATE, sid, State.RECOGNIZE.value)
         labels = 'AB'
         recognitions = []
         for i, pcm in enumerate(prepared.engine_pcm):
@@ -194,39 +191,32 @@ class PacketAgent:
             self.beat()
         del prepared.engine_pcm[:]
         if len(recognitions) == 1:
-            transcript = recognitions[0][1].text
+            done.transcript = recognitions[0][1].text
         else:
-            transcript = merge_channels(recognitions)
+            done.transcript = merge_channels(recognitions)
+        done.channels = [{'channel': label, 'transcript': rec.text} for label, rec in recognitions]
         self.cleanup_after_success(job, prepared, real, tag)
-        return {
-            'state': State.DONE, 'result': Result.OK,
-            'transcript': transcript,
-            'channels': [{'channel': label, 'transcript': rec.text} for label, rec in recognitions],
-            'duration': round(prepared.duration, 3),
-            'sourceChannels': prepared.source_channels,
-            'audioWAV': prepared.audio_wav,
-            'audioMP3': prepared.audio_mp3,
-        }
+        return done
 
     def cleanup_after_success(self, job, prepared, real, tag):
-        if not job['keep_wav']:
+        if not job.keep_wav:
             for name in [prepared.audio_wav] + list(prepared.channel_files):
-                _unlink(os.path.join(job['audioPath'], name), tag)
-        if job['source_after'] == 'delete' and not job['keep_source']:
+                _unlink(os.path.join(job.audio_path, name), tag)
+        if job.source_after == 'delete' and not job.keep_source:
             _unlink(real, tag)
 
     def backup_failed_source(self, job, tag, reason):
         """1.0 moved a source that failed conversion into error_backup_path."""
-        real = job.get('_real')
-        if not real or job['keep_source'] or job['source_after'] != 'delete':
+        real = self.real
+        if not real or job.keep_source or job.source_after != 'delete':
             return
-        dest_dir = job['error_backup_path']
+        dest_dir = job.error_backup_path
         name = os.path.basename(real)
         try:
             os.makedirs(dest_dir, exist_ok=True)
             dest = os.path.join(dest_dir, name)
             if os.path.lexists(dest):
-                dest = os.path.join(dest_dir, '%s_%s' % (job['speechID'], name))
+                dest = os.path.join(dest_dir, '%s_%s' % (job.speech_id, name))
             shutil.move(real, dest)
             with open(dest + '.reason', 'w', encoding='utf-8') as f:
                 f.write(reason + '\n')

@@ -1,0 +1,115 @@
+"""The master's end of the drop-folder scanner: admits what the scanner submits like a
+client's request (the scanner, not the worker, moves the file afterwards), and tells the
+scanner that a task ended only once its record is written.
+
+It is also a reporter sink (handle() runs in the reporter thread, after the records file):
+that is how "ended" is never told before the record exists.
+"""
+import collections
+import logging
+
+import _packet
+import _scanner
+from _link import ChildLink
+from _loop import drain, wake_pair
+from _packet import RequestError
+from _records import FINAL
+from _states import LinkMsg, Result, Source
+from _tasks import Refused
+
+log = logging.getLogger('master')
+
+
+class ScannerLink(ChildLink):
+    """`admit(req, keep_source)` makes a task or raises Refused; `available()` says whether
+    the scanner should submit (an engine is there and the daemon is not stopping)."""
+
+    role = 'scanner'
+
+    def __init__(self, loop, cfg, master_pid, extra_fds, admit, available):
+        super().__init__(loop, cfg, master_pid, extra_fds)
+        self.admit = admit
+        self.available = available
+        self.active = set()                     # speechIDs admitted whose end the scanner has not been told
+        self.notices = collections.deque()      # (speechID, result, state, message) from the reporter thread
+        self.notify_r, self.notify_w = wake_pair()
+        self.engine_told = None
+
+    @property
+    def enabled(self):
+        return bool(self.cfg['directory']['scan_enabled'])
+
+    def target(self, sock, cfg, master_pid, close_fds):
+        _scanner.main(sock, cfg, master_pid, close_fds)
+
+    def start(self):
+        self.loop.add(self.notify_r, self._on_notify, self)
+        super().start()
+
+    def on_spawned(self):
+        self.engine_told = None
+        self.tell_engine()
+
+    def on_message(self, kind, msg):
+        if kind == LinkMsg.SUBMIT and len(msg) > 1:
+            self.on_submit(msg[1])
+        else:
+            super().on_message(kind, msg)
+
+    def on_submit(self, req):
+        sid = req.get('speechID') if isinstance(req, dict) else None
+        if sid in self.active:
+            return      # in flight already: a restarted scanner submits again what it found claimed
+        try:
+            req = _packet.check_transcribe(req)
+            self.admit(req, keep_source=True)
+        except RequestError as exc:
+            self.send(LinkMsg.REJECTED, sid, Result.BAD_REQUEST.value, exc.message)
+            return
+        except Refused as exc:
+            log.debug('master: scanned speechID=%s not admitted: %s %s', sid, exc.result.value, exc.message)
+            self.send(LinkMsg.REJECTED, sid, exc.result.value, exc.message)
+            return
+        self.active.add(sid)
+
+    # ------------------------------------------------------------ reporter sink (reporter thread)
+
+    def handle(self, event, record):
+        if event != FINAL or record.source != Source.SCANNER:
+            return
+        self.notices.append((record.speech_id, record.result.value, record.state.value, record.message or ''))
+        try:
+            self.notify_w.send(b'\0')
+        except OSError:
+            pass            # full: the loop is already woken
+
+    def _on_notify(self, mask):
+        drain(self.notify_r)
+        self.flush_notices()
+
+    def flush_notices(self):
+        while self.notices:
+            sid, result, state, message = self.notices.popleft()
+            self.active.discard(sid)
+            # With no scanner to tell, the next one finds the record at its start.
+            self.send(LinkMsg.ENDED, sid, result, state, message[:_scanner.REASON_MAX])
+
+    # ------------------------------------------------------------ the master's timers
+
+    def tell_engine(self):
+        available = bool(self.available())
+        if available != self.engine_told and self.sock is not None:
+            self.send(LinkMsg.ENGINE, available)
+            self.engine_told = available
+
+    def tick(self, now):
+        self.flush_notices()
+        if self.sock is not None:
+            self.tell_engine()
+        super().tick(now)
+
+    def describe(self):
+        body = super().describe()
+        if 'pid' in body:
+            body['inFlight'] = len(self.active)
+        return body
