@@ -6,7 +6,10 @@
 - scaling: the daemon with 2 workers vs 1 (target >= 1.8x);
 - Monitor latency p50/p99 while every worker is busy and 100 tasks queue (target p99 < 20 ms).
 
-Usage: .venv/bin/python bench/core.py [--files 100] [--workers 2]
+With --baseline OTHER_TREE (a checkout of an earlier commit), the daemon of that tree runs
+in the same interleaved rounds, and the ratio of the two daemons' wall and CPU is printed.
+
+Usage: .venv/bin/python bench/core.py [--files 100] [--workers 2] [--baseline PATH]
 """
 import argparse
 import multiprocessing
@@ -57,8 +60,9 @@ def make_batch(folder, n):
     return files
 
 
-def run_daemon(base, files, workers, monitor_samples=None):
-    d = Daemon(base, workers=workers, max_tasks=len(files) + 10, timeout=600, roots='/')
+def run_daemon(base, files, workers, monitor_samples=None, root=None):
+    d = Daemon(base, workers=workers, max_tasks=len(files) + 10, timeout=600, roots='/',
+               **({'root': root} if root else {}))
     d.start()
     try:
         c = d.client(timeout=900)
@@ -131,6 +135,7 @@ def main():
     ap.add_argument('--files', type=int, default=100)
     ap.add_argument('--workers', type=int, default=2)
     ap.add_argument('--rounds', type=int, default=3)
+    ap.add_argument('--baseline', help='another source tree whose daemon runs in the same rounds')
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix='svcmgr-bench-')
     try:
@@ -143,6 +148,10 @@ def main():
             runs['daemon'].append(run_daemon(os.path.join(tmp, 'dn%d' % r), files, args.workers))
             runs['pool'].append(run_pool(files, args.workers))
             runs['daemon1'].append(run_daemon(os.path.join(tmp, 'd1%d' % r), files, 1))
+            if args.baseline:
+                runs.setdefault('baseline', []).append(
+                    run_daemon(os.path.join(tmp, 'db%d' % r), files, args.workers, root=args.baseline))
+                print('round %d: baseline daemon %.2f s (cpu %.1f s)' % (r + 1, *runs['baseline'][-1]))
             print('round %d: daemon %.2f s (cpu %.1f s), pool %.2f s (cpu %.1f s), daemon 1 worker %.2f s'
                   % (r + 1, *runs['daemon'][-1], *runs['pool'][-1], runs['daemon1'][-1][0]))
         daemon_n, daemon_cpu_n = [statistics.median(x) for x in zip(*runs['daemon'])]
@@ -155,6 +164,13 @@ def main():
         paired = [d[0] / p[0] for d, p in zip(runs['daemon'], runs['pool'])]
         print('paired per-round wall ratios: %s; median %.3f'
               % (', '.join('%.3f' % x for x in paired), statistics.median(paired)))
+        if args.baseline:
+            base_n, base_cpu = [statistics.median(x) for x in zip(*runs['baseline'])]
+            print('baseline daemon (%s): %.2f s wall, %.1f s CPU; overhead vs pool: wall %.3f, CPU %.3f'
+                  % (args.baseline, base_n, base_cpu, base_n / pool_n, base_cpu / pool_cpu))
+            pairs = [d[0] / b[0] for d, b in zip(runs['daemon'], runs['baseline'])]
+            print('this tree / baseline: wall %.3f, CPU %.3f; paired wall ratios %s'
+                  % (daemon_n / base_n, daemon_cpu_n / base_cpu, ', '.join('%.3f' % x for x in pairs)))
         print('daemon, 1 worker: %.2f s' % daemon_1)
         print('scaling 1 -> %d workers: %.2fx (target >= 1.8x)' % (args.workers, daemon_1 / daemon_n))
         # Monitor latency in a run of its own, so its probing costs the overhead figures nothing.

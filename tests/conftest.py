@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
+import pymysql
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +21,7 @@ sys.path.insert(0, ROOT)
 
 from _children import title_of  # noqa: E402
 from _packet import FrameDecoder, encode  # noqa: E402
+from helpers import HOST, PORT, USER, free_port, server_connection  # noqa: E402,F401 (free_port: for test modules)
 
 
 def wait_for(predicate, timeout=30.0, what='condition', interval=0.05):
@@ -31,12 +34,6 @@ def wait_for(predicate, timeout=30.0, what='condition', interval=0.05):
         if time.monotonic() > deadline:
             raise AssertionError('timed out after %.1f s waiting for %s' % (timeout, what))
         time.sleep(interval)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def expected_texts():
@@ -135,7 +132,8 @@ engine_concurrency = {engine_concurrency}
 class Daemon:
     """A real svcmgr daemon in its own folder, started and stopped with svcmgr.py."""
 
-    def __init__(self, base, **opts):
+    def __init__(self, base, root=ROOT, **opts):
+        self.root = root              # the source tree whose svcmgr.py runs (bench/core.py compares two)
         self.base = str(base)
         self.port = free_port()
         self.opts = dict(workers=2, max_tasks=100, timeout=60, graceful=10, mp3='false',
@@ -153,7 +151,7 @@ class Daemon:
             f.write(INI_TEMPLATE.format(**self.opts) + extra)
 
     def cli(self, *args, timeout=120, check=False):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, 'svcmgr.py'), '-c', self.ini] + list(args),
+        proc = subprocess.run([sys.executable, os.path.join(self.root, 'svcmgr.py'), '-c', self.ini] + list(args),
                               capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError('svcmgr %s failed (%d): %s %s' % (args, proc.returncode, proc.stdout, proc.stderr))
@@ -299,3 +297,25 @@ def fuzz_daemon(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp('fuzz'), workers=1, timeout=5).start()
     yield d
     d.stop()
+
+
+# ---------------------------------------------------------------- MariaDB
+
+@pytest.fixture(scope='session')
+def mariadb():
+    try:
+        conn = server_connection()
+    except pymysql.err.MySQLError as exc:
+        pytest.fail('MariaDB is not reachable at %s:%s as %s (%s). These tests need it: start it with '
+                    '"start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd" '
+                    'or run ./test.sh, which does.' % (HOST, PORT, USER, exc), pytrace=False)
+    conn.close()
+
+
+@pytest.fixture
+def dbname(mariadb):
+    """A database of its own for this test (created by the test or by `db init`), dropped at the end."""
+    name = 'svcmgr_t_%s' % uuid.uuid4().hex[:12]
+    yield name
+    with server_connection() as conn, conn.cursor() as cur:
+        cur.execute('DROP DATABASE IF EXISTS `%s`' % name)

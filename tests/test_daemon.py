@@ -12,38 +12,10 @@ import psutil
 import pytest
 
 from conftest import ROOT, expected_texts, long_wav, title_of, transcribe_req, wait_for
+from helpers import assert_records_match, monitor
 from _packet import encode
 
 TEXTS = expected_texts()
-
-
-class _closing:
-    def __init__(self, c):
-        self.c = c
-
-    def __enter__(self):
-        return self.c
-
-    def __exit__(self, *exc):
-        self.c.close()
-
-
-def monitor(daemon, kind='all'):
-    with _closing(daemon.client()) as c:
-        c.send(1003, {'type': kind})
-        ptype, body = c.recv(10)
-    assert ptype == 2003
-    return body
-
-
-def assert_records_match(daemon, accepted=None):
-    """Every accepted task ended in exactly one record."""
-    accepted = monitor(daemon)['counters'].get('accepted', 0) if accepted is None else accepted
-    recs = daemon.wait_records(accepted) if accepted else daemon.records()
-    ids = [r['data']['speechID'] for r in recs]
-    assert len(ids) == accepted, (len(ids), accepted)
-    assert len(set(ids)) == len(ids)
-    return recs
 
 
 # ------------------------------------------------------------------ transcription
@@ -485,7 +457,7 @@ def test_run_in_foreground(make_daemon):
 def test_master_is_recognised_whatever_its_argv(tmp_path):
     """./start.sh runs `python svcmgr.py start`: a title longer than that argv is read back
     by psutil split at spaces, and the pidfile check must still know the master."""
-    import svcmgr
+    import _daemon
     (tmp_path / 's.py').write_text('import os, setproctitle, time\n'
                                    'setproctitle.setproctitle("svcmgr: master " + os.environ["T"])\n'
                                    'print("ready", flush=True)\ntime.sleep(60)\n')
@@ -495,8 +467,8 @@ def test_master_is_recognised_whatever_its_argv(tmp_path):
     try:
         assert proc.stdout.readline().strip() == 'ready'
         assert title_of(psutil.Process(proc.pid)) == 'svcmgr: master /a/rather/long/path/to/the/app.ini'
-        assert svcmgr.is_master(proc.pid)
-        assert not svcmgr.is_master(os.getpid())
+        assert _daemon.is_master(proc.pid)
+        assert not _daemon.is_master(os.getpid())
     finally:
         proc.kill()
         proc.wait()

@@ -7,64 +7,18 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import threading
 import time
-import uuid
 
-import pymysql
 import pytest
 
 import _config
 import _db
 import _records
-from conftest import FIXTURES, expected_texts, free_port, transcribe_req, wait_for
-from test_daemon import monitor
+from conftest import FIXTURES, expected_texts, transcribe_req, wait_for
+from helpers import PORT, Proxy, db_section, monitor, query, rows, server_connection
 
 TEXTS = expected_texts()
-HOST, PORT, USER = '127.0.0.1', 3306, 'root'
-
-
-# ------------------------------------------------------------------ database fixtures
-
-def _server(**kw):
-    return pymysql.connect(host=HOST, port=PORT, user=USER, password='', charset='utf8mb4', autocommit=True,
-                           connect_timeout=5, read_timeout=30, **kw)
-
-
-@pytest.fixture(scope='session')
-def mariadb():
-    try:
-        conn = _server()
-    except pymysql.err.MySQLError as exc:
-        pytest.fail('MariaDB is not reachable at %s:%s as %s (%s). These tests need it: start it with '
-                    '"start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd" '
-                    'or run ./test.sh, which does.' % (HOST, PORT, USER, exc), pytrace=False)
-    conn.close()
-
-
-@pytest.fixture
-def dbname(mariadb):
-    """A database of its own for this test (created by the test or by `db init`), dropped at the end."""
-    name = 'svcmgr_t_%s' % uuid.uuid4().hex[:12]
-    yield name
-    with _server() as conn, conn.cursor() as cur:
-        cur.execute('DROP DATABASE IF EXISTS `%s`' % name)
-
-
-def query(name, sql, args=None):
-    with _server(database=name, cursorclass=pymysql.cursors.DictCursor) as conn, conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchall()
-
-
-def rows(name):
-    return {r['speech_id']: r for r in query(name, 'SELECT * FROM task ORDER BY id')}
-
-
-def db_section(name, port=PORT, node='test-node', extra=''):
-    return ('[db]\nenabled = true\nip = %s\nport = %d\nuser = %s\npassword = ""\nname = %s\nnode = %s\n%s'
-            % (HOST, port, USER, name, node, extra))
 
 
 def load_cfg(tmp_path, name, port=PORT, extra=''):
@@ -83,102 +37,6 @@ def db_daemon(make_daemon, name, port=PORT, **opts):
     d.write_ini(db_section(name, port))
     d.cli('db', 'init', check=True)
     return d
-
-
-# ------------------------------------------------------------------ a TCP proxy that can fail
-
-class Proxy:
-    """Forwards 127.0.0.1:<port> to MariaDB. cut(): every connection closed, new ones refused;
-    hang(): connections stay open but nothing goes through; restore(): back to normal."""
-
-    def __init__(self, target=(HOST, PORT)):
-        self.target = target
-        self.port = free_port()
-        self.mode = 'up'
-        self.lock = threading.Lock()
-        self.socks = set()
-        self.listener = None
-        self._listen()
-
-    def _listen(self):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(('127.0.0.1', self.port))
-        sock.listen(64)
-        self.listener = sock
-        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
-
-    def _accept(self, listener):
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.socks.add(client)
-            if self.mode != 'up':
-                continue              # hung: held open, never answered
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self.lock:
-                self.socks.add(upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                while self.mode == 'hang':
-                    time.sleep(0.02)
-                if self.mode != 'up':
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._close(src)
-            self._close(dst)
-
-    def _close(self, sock):
-        with self.lock:
-            self.socks.discard(sock)
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        sock.close()
-
-    def hang(self):
-        self.mode = 'hang'
-
-    def cut(self):
-        self.mode = 'down'
-        if self.listener is not None:
-            try:
-                self.listener.shutdown(socket.SHUT_RDWR)    # wakes the blocked accept(): refused from now on
-            except OSError:
-                pass
-            self.listener.close()
-            self.listener = None
-        with self.lock:
-            socks = list(self.socks)
-        for sock in socks:
-            self._close(sock)
-
-    def restore(self):
-        if self.listener is None:
-            self._listen()
-        self.mode = 'up'
-
-    def close(self):
-        self.cut()
 
 
 @pytest.fixture
@@ -204,14 +62,14 @@ def state(sid, new, at, worker=1):
 
 
 def final(sid, t, transcript='hello', result='0', st='DONE', **request):
-    return (_records.FINAL, {
+    return (_records.FINAL, _records.TaskRecord.from_line({
         'data': {'speechID': sid, 'transcript': transcript, 'result': result}, 'socket': 5, 'state': st,
         'startTime': _records.stamp(t), 'endTime': _records.stamp(t + 1.5),
         'processInterval': ['0.000000 < TRANSCRIBE_START', '0.000100 < WORKER_PUT', '0.000300 < WORKER_GET',
                             '1.400000 < TRANSCRIBE_END'],
         'source': 'client', 'worker': 1, 'duration': 2.25,
         'request': dict({'filePath': '/data/in', 'fileID': sid + '.wav', 'fileName': sid + '.wav'}, **request),
-        'channels': [{'channel': 'A', 'transcript': transcript}], 'audioWAV': sid + '.wav'})
+        'channels': [{'channel': 'A', 'transcript': transcript}], 'audioWAV': sid + '.wav'}))
 
 
 def task_events(sid, t, transcript='hello'):
@@ -221,6 +79,8 @@ def task_events(sid, t, transcript='hello'):
 
 def spool_event(sink, ev):
     event, payload = ev
+    if event == _records.FINAL:
+        payload = payload.to_dict()
     return {'event': event, 'node': sink.node, 'serverSeq': sink.server_seq, 'payload': payload}
 
 
@@ -283,7 +143,7 @@ def test_event_values_are_bound_never_spliced_into_sql():
     hostile = "x'); DROP TABLE task; -- \\ \"한국\""
     t = time.time()
     ev = {'event': _records.FINAL, 'node': 'n', 'serverSeq': 1,
-          'payload': final('sid1', t, transcript=hostile, domainName=hostile)[1]}
+          'payload': final('sid1', t, transcript=hostile, domainName=hostile)[1].to_dict()}
     sql, params = _db.statement(ev)
     assert hostile not in sql and 'DROP' not in sql
     assert sql.count('%s') == len(params) and hostile in params
@@ -317,7 +177,7 @@ def test_db_init_and_check_commands_and_password_from_environment(make_daemon, d
 
     # The password from the environment replaces the one in app.ini.
     user = dbname[-16:]
-    with _server() as conn, conn.cursor() as cur:
+    with server_connection() as conn, conn.cursor() as cur:
         cur.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (user, "pw,#%$'\"한"))
         cur.execute('GRANT ALL ON `%s`.* TO %%s@%%s' % dbname, (user, '%'))
     try:
@@ -330,7 +190,7 @@ def test_db_init_and_check_commands_and_password_from_environment(make_daemon, d
         d.cli('db', 'init', check=True)
         assert 'matches schema.sql' in d.cli('db', 'check', check=True).stdout
     finally:
-        with _server() as conn, conn.cursor() as cur:
+        with server_connection() as conn, conn.cursor() as cur:
             cur.execute("DROP USER IF EXISTS %s@'%%'", (user,))
 
     d.write_ini(db_section('bad-name`; DROP'))
@@ -460,7 +320,7 @@ def test_hung_database_times_out_and_a_locked_table_spools_until_unlocked(tmp_pa
         wait_idle(sink, 40)
         assert set(rows(dbname)) == {'h0', 'h1'}
         # Locked: the server fails our statement after lock_wait_timeout.
-        locker = _server(database=dbname)
+        locker = server_connection(database=dbname)
         with locker.cursor() as cur:
             cur.execute('LOCK TABLES task WRITE')
         sink.handle(*accepted('h2', t + 2))
@@ -499,8 +359,8 @@ def test_values_the_database_would_refuse_are_made_storable(tmp_path, dbname):
         sink.handle(*accepted('v1', t, memo=float('nan'), deep=[{'x': float('inf')}], fileName='a\ud800b',
                               domainName='d' * 300, filePath='p' * 100000))
         ev = final('v1', t)
-        ev[1]['duration'] = float('inf')
-        ev[1]['request']['memo'] = float('nan')
+        ev[1].duration = float('inf')
+        ev[1].request['memo'] = float('nan')
         sink.handle(*ev)
         wait_idle(sink)
         r = rows(dbname)['v1']
@@ -532,13 +392,15 @@ def test_client_task_rows_have_every_field(make_daemon, dbname):
     c = d.client()
     folder, mono = d.fixture('en_hello.wav')
     _, stereo = d.fixture('stereo_call.wav')
+    _, dual = d.fixture('dual_mono.wav')
     c.send(1002, transcribe_req(folder, mono, sid='mono1', domainName='고객센터', domainCode='SG0002',
                                 audioPath=os.path.join(d.data, 'out'), custom={'k': ['v', 1]}))
     c.send(1002, transcribe_req(folder, stereo, sid='stereo1'))
     c.send(1002, transcribe_req(folder, 'missing.wav', sid='missing1'))
-    answers = {b['speechID']: b for _, b in c.recv_n(3, timeout=120)}
+    c.send(1002, transcribe_req(folder, dual, sid='dual1'))
+    answers = {b['speechID']: b for _, b in c.recv_n(4, timeout=120)}
     assert answers['mono1']['result'] == '0' and answers['missing1']['result'] == '4'
-    got, recs = check_rows_match_records(d, dbname, 3)
+    got, recs = check_rows_match_records(d, dbname, 4)
 
     r = got['mono1']
     assert r['id'] >= 1 and r['node'] == 'test-node' and r['server_seq'] == 1 and r['source'] == 'client'
@@ -561,6 +423,10 @@ def test_client_task_rows_have_every_field(make_daemon, dbname):
 
     s = got['stereo1']
     assert s['channels'] == 2 and s['transcript'] == TEXTS['stereo_call.wav']['transcript']
+    # A dual-mono file is recognised as one channel, but the row tells the source had two.
+    dm = got['dual1']
+    assert dm['channels'] == 2 and len(json.loads(dm['channel_transcripts'])) == 1
+    assert recs['dual1']['sourceChannels'] == 2 and recs['dual1']['audioPath'] == dm['audio_path']
     assert [ch['channel'] for ch in json.loads(s['channel_transcripts'])] == ['A', 'B']
     assert s['audio_path'].startswith(os.path.join(d.base, 'batch', 'rec_mp3'))
 

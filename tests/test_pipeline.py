@@ -6,7 +6,7 @@ import wave
 import av
 
 from conftest import expected_texts, transcribe_req
-from test_daemon import assert_records_match
+from helpers import assert_records_match
 
 TEXTS = expected_texts()
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import transcribe_req, wait_for
 from legacy_engine import LegacyEngine, frame
-from test_daemon import assert_records_match, monitor
+from helpers import assert_records_match, monitor
 
 
 @pytest.fixture

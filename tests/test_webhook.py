@@ -16,7 +16,7 @@ import pytest
 
 from conftest import expected_texts, free_port, transcribe_req, wait_for
 import _webhook
-from _records import ACCEPTED, FINAL
+from _records import ACCEPTED, FINAL, TaskRecord
 from _webhook import Outbox, Settings, WebhookSink
 
 TEXTS = expected_texts()
@@ -134,7 +134,7 @@ def make_sink(tmp_path):
 
 
 def record(sid, text='hello customer', result='0', state='DONE', **extra):
-    """A usage record as Master.record() builds it."""
+    """A task's record as the master builds it (given here as its records line)."""
     rec = {'data': {'speechID': sid, 'transcript': text, 'result': result}, 'socket': 7, 'state': state,
            'startTime': '2021.01.25 11:20:14.082971', 'endTime': '2021.01.25 11:20:15.120000',
            'processInterval': ['0.000143 < TRANSCRIBE_START', '1.037000 < TRANSCRIBE_END'],
@@ -143,7 +143,7 @@ def record(sid, text='hello customer', result='0', state='DONE', **extra):
                        'fileName': 'call-0001.wav', 'filePath': '/data/batch'},
            'channels': [{'channel': 'A', 'transcript': text}], 'audioWAV': sid + '.wav'}
     rec.update(extra)
-    return rec
+    return TaskRecord.from_line(rec)
 
 
 def verify(req, key=KEY):
@@ -165,16 +165,17 @@ def entries(sink, failed=False):
 def test_payload_fields_and_the_result_conflict():
     rec = record('s1', text='A: hello\nB: hi', channels=[{'channel': 'A', 'transcript': 'hello'},
                                                          {'channel': 'B', 'transcript': 'hi'}])
-    rec['request'].update(customerId='c-9', result='forged', sttKey='forged')
-    p = _webhook.build_payload(rec, audio_path='/data/batch/rec_mp3/20210125')
+    rec.request.update(customerId='c-9', result='forged', sttKey='forged')
+    rec.audio_path = '/data/batch/rec_mp3/20210125'
+    p = _webhook.build_payload(rec)
     # Top level follows the protocol: result is the code, transcript the text.
     assert p['speechID'] == 's1' and p['result'] == '0' and p['state'] == 'DONE'
     assert p['transcript'] == 'A: hello\nB: hi' and p['duration'] == 12.48
-    assert p['channels'] == rec['channels']
+    assert p['channels'] == rec.channels
     assert (p['domainName'], p['domainCode'], p['fileID'], p['fileName'], p['filePath']) == \
         ('SGDefault', 'SG0001', 's1.wav', 'call-0001.wav', '/data/batch')
     assert p['audioPath'] == '/data/batch/rec_mp3/20210125' and p['audioWAV'] == 's1.wav'
-    assert p['startTime'] == rec['startTime'] and p['processInterval'] == rec['processInterval']
+    assert p['startTime'] == rec.to_line()['startTime'] and p['processInterval'] == rec.to_line()['processInterval']
     # 1.0's row fields, task-level at the top ...
     assert (p['sttKey'], p['key'], p['filename'], p['seq']) == ('s1', 's1.wav', 'call-0001.wav', None)
     assert (p['regDate'], p['regTime'], p['callTime']) == ('20210125', '112014', 12.48)

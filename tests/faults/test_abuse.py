@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import expected_texts, long_wav, transcribe_req, wait_for
-from test_daemon import assert_records_match, monitor
+from helpers import assert_records_match, monitor
 
 TEXTS = expected_texts()
 

@@ -21,8 +21,7 @@ import psutil
 
 from conftest import transcribe_req, wait_for
 from legacy_engine import LegacyEngine
-from test_daemon import monitor
-from test_db import Proxy, dbname, db_section, mariadb, query  # noqa: F401 (fixtures)
+from helpers import Proxy, db_section, monitor, query
 
 CLIENTS, PER_CLIENT, DROPPED = 20, 100, 200
 TIMEOUT = 120

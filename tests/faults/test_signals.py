@@ -7,7 +7,7 @@ import threading
 import psutil
 
 from conftest import expected_texts, long_wav, transcribe_req, wait_for
-from test_daemon import assert_records_match, monitor
+from helpers import assert_records_match, monitor
 
 TEXTS = expected_texts()
 
