@@ -16,7 +16,7 @@ import pytest
 
 from conftest import expected_texts, free_port, transcribe_req, wait_for
 import _webhook
-from _records import ACCEPTED, FINAL, TaskRecord
+from _records import FINAL, TaskRecord
 from _webhook import Outbox, Settings, WebhookSink
 
 TEXTS = expected_texts()
@@ -196,8 +196,7 @@ def test_payload_fields_and_the_result_conflict():
 def test_delivery_is_signed_and_verifies(receivers, make_sink):
     rx = receivers()
     sink = make_sink(rx.url)
-    sink.handle(ACCEPTED, {'speechID': 'sig-1', 'audioPath': '/data/out'})
-    sink.handle(FINAL, record('sig-1', text='안녕하세요 고객님'))
+    sink.handle(FINAL, record('sig-1', text='안녕하세요 고객님', audioPath='/data/out'))
     wait_for(lambda: len(rx.requests) == 1, 10, 'the delivery')
     req = rx.requests[0]
     h = req['headers']
