@@ -86,8 +86,15 @@ class Dir:
                 pass        # made meanwhile by another process: open what is there
             fd = os.open(name, DIR_FLAGS, dir_fd=self.fd)
         except OSError as exc:
+            if exc.errno == errno.ENOTDIR and self._is_link(name):
+                # O_DIRECTORY answers ENOTDIR for a link: say what it is.
+                exc = OSError(errno.ELOOP, 'is a symbolic link', self.join(name))
             raise _no_link(exc, self.join(name)) from None
         return Dir(fd, self.join(name))
+
+    def _is_link(self, name):
+        st = self.stat(name)
+        return st is not None and stat.S_ISLNK(st.st_mode)
 
     def scandir(self):
         return os.scandir(self.fd)
@@ -239,6 +246,26 @@ def remove_temps(folder, pids=None, older_than=None):
     return removed
 
 
+def remove_temps_below(root, older_than):
+    """remove_temps(older_than=...) in `root` and every folder below it, entering no link.
+    A missing root is nothing to do."""
+    if not os.path.isdir(root):
+        return 0
+    removed = 0
+    stack = [open_root(root)]
+    while stack:
+        with stack.pop() as folder:
+            removed += remove_temps(folder, older_than=older_than)
+            with folder.scandir() as it:
+                names = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+            for name in names:
+                try:
+                    stack.append(folder.sub(name))
+                except OSError:
+                    continue        # removed or swapped meanwhile: not entered
+    return removed
+
+
 def _plain(name):
     if not name or '/' in name or name in ('.', '..') or '\0' in name:
         raise Outside('not a plain file name: %r' % (name,))
@@ -259,3 +286,38 @@ def _copy(src, dst):
         view = memoryview(chunk)
         while view:
             view = view[os.write(dst, view):]
+
+
+def open_dir_resolved(path, roots, create=False):
+    """open_dir, and when the path does not lie below a root as written, or passes a link,
+    once more with the links resolved now: a link that stays inside the roots is taken,
+    the walk of its target is as safe as any, and one leading out is Outside."""
+    try:
+        return open_dir(path, roots, create)
+    except (Outside, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise
+        real = os.path.realpath(path)
+        if real == os.path.normpath(path):
+            raise
+        return open_dir(real, roots, create)
+
+
+def open_parent_resolved(path, roots, create=False):
+    """(Dir, name) like open_parent, the folder found as open_dir_resolved finds it."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise Outside('not an absolute path: %r' % (path,))
+    norm = os.path.normpath(path)
+    name = os.path.basename(norm)
+    if not name:
+        raise Outside('%s is not a file below a root' % path)
+    return open_dir_resolved(os.path.dirname(norm), roots, create), name
+
+
+def text(path):
+    """A path as text that JSON and UTF-8 logs can hold: undecodable bytes become U+FFFD."""
+    try:
+        path.encode('utf-8')
+        return path
+    except UnicodeEncodeError:
+        return path.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
