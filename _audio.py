@@ -16,6 +16,7 @@ import av
 import av.error
 import av.filter
 
+import _safepath
 from _states import Result, State
 
 FILE_RATE = 8000            # the 1.0 engine's WAV format: 8 kHz 16-bit
@@ -65,6 +66,7 @@ class Prepared:
     audio_wav: str | None       # file name in audio_path, None when no files were written
     audio_mp3: str | None
     channel_files: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)    # outputs not written: that name is the source itself
 
 
 def _reason(exc):
@@ -72,16 +74,13 @@ def _reason(exc):
     return getattr(exc, 'strerror', None) or str(exc) or type(exc).__name__
 
 
-def _temp_path(folder, name):
-    return os.path.join(folder, '.{}.{}.tmp'.format(name, os.getpid()))
-
-
-def _remove(path):
+def _remove(folder, tmp):
     try:
-        os.unlink(path)
+        folder.unlink(tmp)
     except OSError:
-        # Gone already, or nothing more can be done about it: its dot-name keeps
-        # it out of the way and the next write of the same name replaces it.
+        # Nothing more can be done about it here: its dot-name keeps it out of the
+        # way, the next write of the same name replaces it, and the master sweeps
+        # the temp files of a worker it reaps.
         pass
 
 
@@ -90,11 +89,11 @@ class _WavFile:
 
     def __init__(self, folder, name, channels):
         self.name = name
-        self.tmp = _temp_path(folder, name)
         self.writer = None
         # Opened here rather than by wave.open(path): a Wave_write whose own open
         # failed complains from its __del__.
-        self.file = open(self.tmp, 'wb')
+        fd, self.tmp = folder.create_temp(name)
+        self.file = os.fdopen(fd, 'wb')
         self.writer = wave.open(self.file, 'wb')
         self.writer.setnchannels(channels)
         self.writer.setsampwidth(2)
@@ -113,34 +112,52 @@ class _WavFile:
 class _Outputs:
     """The files of one prepare() call, under temporary names until commit()."""
 
-    def __init__(self, src, folder, stem, channels, mp3_backup):
+    def __init__(self, src, folder, stem, channels, mp3_backup, source_stat=None):
         self.src = src
-        self.folder = folder
+        self.folder = None          # a _safepath.Dir; a path given here is opened (and closed) by us
+        self.own_folder = isinstance(folder, str)
+        self.source_stat = source_stat
+        self.kept = []
         self.wav_name = stem + '.wav'
         self.channel_names = [stem + '_A.wav', stem + '_B.wav'] if channels == 2 else []
         self.mp3_name = stem + '.mp3' if mp3_backup else None
         self.wavs = []          # [_WavFile]: the source's channels, then A and B
         self.mp3 = None         # (temp path, container, stream)
         self.mp3_samples = 0
+        self.mp3_fd = None
         name = self.wav_name
         try:
-            os.makedirs(folder, exist_ok=True)
+            if self.own_folder:
+                os.makedirs(folder, exist_ok=True)
+                folder = _safepath.open_root(folder)
+            self.folder = folder
             for name, nch in [(self.wav_name, channels)] + [(n, 1) for n in self.channel_names]:
                 self.wavs.append(_WavFile(folder, name, nch))
         except (OSError, ValueError) as exc:    # ValueError: a NUL in the path
             self.abort()
+            self.close()
             raise self._wav_error(name, exc) from exc
         if self.mp3_name:
-            tmp = _temp_path(folder, self.mp3_name)
             try:
-                out = av.open(tmp, 'w', format='mp3')
+                fd, tmp = folder.create_temp(self.mp3_name)
+                # FFmpeg opens the file when it writes the header: ours stays open until then.
+                self.mp3_fd = fd
+            except OSError as exc:
+                self.abort()
+                self.close()
+                raise self._mp3_error(exc) from exc
+            try:
+                # Through our descriptor: FFmpeg's own open of a path would follow links.
+                out = av.open('/proc/self/fd/%d' % fd, 'w', format='mp3')
                 self.mp3 = (tmp, out, None)
                 stream = out.add_stream(MP3_CODEC, rate=FILE_RATE,
                                         layout='stereo' if channels == 2 else 'mono')
                 stream.bit_rate = MP3_BIT_RATE
                 self.mp3 = (tmp, out, stream)
             except _DECODE_ERRORS as exc:
+                self.mp3 = self.mp3 or (tmp, None, None)
                 self.abort()
+                self.close()
                 raise self._mp3_error(exc) from exc
 
     def _error(self, state, name, exc):
@@ -196,15 +213,33 @@ class _Outputs:
         # task is redone from the source, so durability is not worth a disk flush.
         for wav in self.wavs:
             try:
-                os.replace(wav.tmp, os.path.join(self.folder, wav.name))
+                self._publish(wav.tmp, wav.name)
             except OSError as exc:
                 raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
             try:
-                os.replace(self.mp3[0], os.path.join(self.folder, self.mp3_name))
+                self._publish(self.mp3[0], self.mp3_name)
             except OSError as exc:
                 raise self._mp3_error(exc) from exc
         self.wavs, self.mp3 = [], None
+
+    def _publish(self, tmp, name):
+        """Rename into place, unless `name` is the source itself (re-transcribing a backup
+        where it lies): an output never replaces its own source, which stands for it."""
+        if self.source_stat is not None and self.folder.is_same(name, self.source_stat):
+            _remove(self.folder, tmp)
+            self.kept.append(name)
+            return
+        self.folder.replace(tmp, name)
+
+    def close(self):
+        """Gives up the folder if we opened it, and our MP3 descriptor (after commit or abort)."""
+        if self.mp3_fd is not None:
+            os.close(self.mp3_fd)
+            self.mp3_fd = None
+        if self.own_folder and self.folder is not None:
+            self.folder.close()
+            self.folder = None
 
     def abort(self):
         """Closes and removes whatever temp files exist; safe to call more than once."""
@@ -213,15 +248,16 @@ class _Outputs:
                 wav.close()
             except OSError:
                 pass        # the file is deleted next; its header no longer matters
-            _remove(wav.tmp)
+            _remove(self.folder, wav.tmp)
         self.wavs = []
         if self.mp3:
             tmp, out, _stream = self.mp3
             try:
-                out.close()
+                if out is not None:
+                    out.close()
             except _DECODE_ERRORS:
                 pass        # likewise
-            _remove(tmp)
+            _remove(self.folder, tmp)
             self.mp3 = None
 
 
@@ -296,8 +332,9 @@ class _Converter:
 class _Decode:
     """State of one streaming decode: converter, engine buffers, file outputs."""
 
-    def __init__(self, src, engine_rate, audio_path, stem, mp3_backup, max_seconds):
+    def __init__(self, src, engine_rate, audio_path, stem, mp3_backup, max_seconds, source_stat=None):
         self.src = src
+        self.source_stat = source_stat
         self.engine_rate = engine_rate
         self.audio_path = audio_path
         self.stem = stem
@@ -341,7 +378,7 @@ class _Decode:
                 self.channels = channels
                 if self.audio_path is not None:
                     self.outputs = _Outputs(self.src, self.audio_path, self.stem, channels,
-                                            self.mp3_backup)
+                                            self.mp3_backup, self.source_stat)
             else:
                 self._emit(self.graph.convert(None))
             self.graph = _Converter(frame, 'stereo' if self.channels == 2 else 'mono', self.rates)
@@ -399,12 +436,14 @@ def _check_source(src):
                          'audio file is not a regular file: {}'.format(src))
 
 
-def prepare(src: str, engine_rate: int, audio_path: str | None = None, stem: str | None = None,
-            mp3_backup: bool = False, max_seconds: float = 4 * 3600) -> Prepared:
+def prepare(src: str, engine_rate: int, audio_path=None, stem: str | None = None,
+            mp3_backup: bool = False, max_seconds: float = 4 * 3600, source_stat=None) -> Prepared:
     """Decodes `src` once into the engine's PCM at `engine_rate` and, when `audio_path`
-    is given, writes `<stem>.wav`, `<stem>_A.wav`/`_B.wav` for stereo and, with
-    `mp3_backup`, `<stem>.mp3` there. `stem` defaults to the source's name without
-    its extension. Raises AudioError with the task's final state on any failure.
+    is given (a folder path, or a _safepath.Dir reached safely), writes `<stem>.wav`,
+    `<stem>_A.wav`/`_B.wav` for stereo and, with `mp3_backup`, `<stem>.mp3` there.
+    An output whose name is the file of `source_stat` is not written (Prepared.kept).
+    `stem` defaults to the source's name without its extension. Raises AudioError with
+    the task's final state on any failure.
     """
     if not isinstance(engine_rate, int) or engine_rate <= 0:
         raise ValueError('engine_rate must be positive, not {!r}'.format(engine_rate))
@@ -413,7 +452,7 @@ def prepare(src: str, engine_rate: int, audio_path: str | None = None, stem: str
         if not stem or os.sep in stem or '\0' in stem or stem in ('.', '..'):
             raise ValueError('stem must be a plain file name, not {!r}'.format(stem))
     _check_source(src)
-    job = _Decode(src, engine_rate, audio_path, stem, mp3_backup, max_seconds)
+    job = _Decode(src, engine_rate, audio_path, stem, mp3_backup, max_seconds, source_stat)
     try:
         try:
             container = av.open(src, metadata_errors='replace', container_options=_OPEN_OPTIONS)
@@ -457,6 +496,7 @@ def prepare(src: str, engine_rate: int, audio_path: str | None = None, stem: str
     finally:
         if job.outputs is not None:
             job.outputs.abort()
+            job.outputs.close()
     outputs = job.outputs
     pcm = job.engine_pcm()
     return Prepared(
@@ -468,4 +508,5 @@ def prepare(src: str, engine_rate: int, audio_path: str | None = None, stem: str
         audio_wav=outputs.wav_name if outputs else None,
         audio_mp3=outputs.mp3_name if outputs else None,
         channel_files=list(outputs.channel_names) if outputs else [],
+        kept=list(outputs.kept) if outputs else [],
     )

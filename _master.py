@@ -5,6 +5,7 @@ type to its handler, and runs the loop with its timers, signals, reload and stop
 import logging
 import os
 import signal
+import threading
 import time
 
 import _config
@@ -13,6 +14,7 @@ import _engine
 import _packet
 import _records
 import _webhook
+import _worker
 from _conns import Conn, ConnServer, make_listener
 from _jobs import Outcome
 from _loop import EventLoop, drain, wake_pair
@@ -80,6 +82,8 @@ class Master:
         self.monitor = Monitor(float(self.cfg['setting']['monitor_interval_secs']),
                                on_refresh=self.db.status_hook(self.status_facts) if self.db else None)
         self.monitor.start()
+        threading.Thread(target=_worker.sweep_at_start, args=(self.cfg, time.time()), name='temp-sweep',
+                         daemon=True).start()
         log.info('master: listening on %s:%s with %d worker(s), engine %s, max_tasks %d',
                  *self.listener.getsockname()[:2], self.pool.size, self.engine.name, self.tasks.max_tasks)
         if self.ready_fd is not None:
@@ -137,9 +141,9 @@ class Master:
         self.pool.release(task)
         self.broker.release(task)
 
-    def _admit_scanned(self, req, keep_source):
+    def _admit_scanned(self, req, keep_source, file_path=None):
         # The worker leaves the source alone: the scanner moves it once the record is written.
-        return self.tasks.admit(req, Source.SCANNER, keep_source=keep_source)
+        return self.tasks.admit(req, Source.SCANNER, keep_source=keep_source, file_path=file_path)
 
     def on_worker_state(self, slot, sid, state):
         task = self.tasks.get(sid)

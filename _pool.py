@@ -26,6 +26,7 @@ class WorkerSlot:
     conn: object
     started: float
     task: str = None          # speechID in hand
+    job: object = None        # the last Job handed over: its temp outputs are removed when the worker ends
     task_since: float = None
     retiring: bool = False
     done: int = 0
@@ -127,6 +128,8 @@ class WorkerPool:
         self._close_pipe(slot)
         slot.conn.close()
         self.free_hb.append(slot.hb_index)
+        if slot.job is not None and code != 0:
+            _worker.remove_job_temps(slot.job, slot.proc.pid)
         why = _children.exit_reason(code)
         if slot in self.retired:
             self.retired.remove(slot)
@@ -166,7 +169,7 @@ class WorkerPool:
                 log.error('master: could not hand speechID=%s to worker %d: %s', task.speech_id, slot.number, exc)
                 tasks.requeue(task)
                 continue
-            slot.task, slot.task_since = task.speech_id, time.monotonic()
+            slot.task, slot.task_since, slot.job = task.speech_id, time.monotonic(), task.job
             task.handed_to(slot.number)
 
     def holder(self, task):

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import select
-import shutil
 import time
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ import _children
 import _config
 import _packet
 import _records
+import _safepath
 from _link import encode_line, take_lines
 from _states import LinkMsg, Result, Source
 
@@ -42,6 +42,7 @@ STATUS_SECS = 0.5
 # files waiting in a deep queue would time out.
 TASKS_PER_WORKER = 2
 REASON_MAX = 2000
+RAW_PATH = 'filePathRaw'    # link only: the real filePath of a scanned file when it is not UTF-8
 SCANNER_NICE = 5
 
 
@@ -74,30 +75,33 @@ class Walker:
         while stack:
             folder = stack.pop()
             try:
-                it = os.scandir(folder)
+                # Walked from the root without following links: a folder swapped for a
+                # link since the previous listing is not entered.
+                d = _safepath.open_dir(folder, [self.root])
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                log.warning('scanner: cannot list %s: %s', folder, exc)
+                log.warning('scanner: cannot list %s: %s', _safepath.text(folder), exc)
                 continue
-            with it:
+            with d, d.scandir() as it:
                 for entry in it:
                     name = entry.name
+                    path = os.path.join(folder, name)
                     try:
                         if name.startswith('.'):
                             if name == PROCESSING and entry.is_dir(follow_symlinks=False):
-                                processing.append(entry.path)
+                                processing.append(path)
                             continue
                         if entry.is_dir(follow_symlinks=False):
-                            if entry.path not in self.skip:
-                                stack.append(entry.path)
+                            if path not in self.skip:
+                                stack.append(path)
                             continue
                         if not entry.is_file(follow_symlinks=False) or not self.wanted(name):
                             continue
                         st = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue        # gone between the listing and the look
-                    files.append((entry.path, st.st_size, st.st_mtime_ns, st.st_ino))
+                    files.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
         return files, processing
 
 
@@ -159,6 +163,16 @@ def recorded_outcomes(folder, speech_ids):
     return found
 
 
+def plausible(sid, now, slack=datetime.timedelta(days=1)):
+    """True for a speechID that a clock of ours could have made: a real time from 2000 on,
+    not more than `slack` ahead of `now`."""
+    try:
+        when = datetime.datetime.strptime(sid, '%Y%m%d_%H%M%S_%f')
+    except ValueError:
+        return False
+    return datetime.datetime(2000, 1, 1) <= when <= now + slack
+
+
 # ---------------------------------------------------------------- the scanner process
 
 @dataclass(eq=False)
@@ -180,11 +194,7 @@ class Item:
 
 def utf8_name(name):
     """A file name that can be written into JSON records: bytes that are not UTF-8 become U+FFFD."""
-    try:
-        name.encode('utf-8')
-        return name
-    except UnicodeEncodeError:
-        return name.encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
+    return _safepath.text(name)
 
 
 class Scanner:
@@ -343,9 +353,14 @@ class Scanner:
         code, name = self.domain
         rel = os.path.relpath(os.path.dirname(item.folder), self.root)
         if self.domain_from_folder and rel != '.':
-            code = rel.split(os.sep)[0]
-        return {'speechID': item.sid, 'domainName': name, 'domainCode': code,
-                'fileID': item.claimed, 'fileName': item.name, 'filePath': item.folder}
+            code = utf8_name(rel.split(os.sep)[0])
+        req = {'speechID': item.sid, 'domainName': name, 'domainCode': code,
+               'fileID': item.claimed, 'fileName': item.name, 'filePath': utf8_name(item.folder)}
+        if req['filePath'] != item.folder:
+            # A folder name that is not UTF-8: the request (and so the record) shows it with
+            # U+FFFD, the master's job uses the real name, which the link carries escaped.
+            req[RAW_PATH] = item.folder
+        return req
 
     def report(self, force=False):
         """Send the status Monitor shows: after each pass, and at most every STATUS_SECS when it changed."""
@@ -383,39 +398,39 @@ class Scanner:
                 len(files), scan_wall, scan_cpu, claimed, waiting, empty)
         self.report(force=True)
 
+    def open(self, folder, create=False):
+        """A folder below the drop folder, walked from it without following links."""
+        return _safepath.open_dir(folder, [self.root], create)
+
     def claim(self, path):
-        """Rename a settled file into the .processing folder beside it under a new speechID."""
+        """Rename a settled file into the .processing folder beside it under a new speechID.
+
+        Both folders are descriptors reached from the drop folder without following links:
+        a folder or a `.processing` that is a link makes the claim fail, never leave the root.
+        """
         folder, name = os.path.split(path)
         item = Item(_packet.new_speech_id(), os.path.join(folder, PROCESSING), utf8_name(name))
-        for attempt in (1, 2):
-            try:
-                os.rename(path, item.path)
-                break
-            except FileNotFoundError:
-                if attempt == 2 or os.path.isdir(item.folder):
-                    self.settler.forget(path)    # taken away meanwhile
-                    return 0
-                try:
-                    os.mkdir(item.folder)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    return self._cannot_claim(path, exc)
-            except OSError as exc:
-                return self._cannot_claim(path, exc)
+        try:
+            with self.open(folder) as d, d.sub(PROCESSING, create=True) as proc:
+                d.rename(name, proc, item.claimed)
+        except FileNotFoundError:
+            self.settler.forget(path)    # taken away meanwhile
+            return 0
+        except OSError as exc:
+            return self._cannot_claim(path, exc)
         self.settler.forget(path)
         self.stuck.pop(path, None)
         self.items[item.sid] = item
         self.queue.append(item)
         self.counts['claimedTotal'] += 1
-        log.debug('scanner: claimed %s as speechID=%s', path, item.sid)
+        log.debug('scanner: claimed %s as speechID=%s', utf8_name(path), item.sid)
         return 1
 
     def _cannot_claim(self, path, exc):
         sig = self.settler.previous.get(path)
         if self.stuck.get(path) != sig:
             # Once per version of the file, not at every pass.
-            log.error('scanner: cannot claim %s: %s', path, exc)
+            log.error('scanner: cannot claim %s: %s', utf8_name(path), exc)
             self.stuck[path] = sig
         return 0
 
@@ -423,9 +438,10 @@ class Scanner:
         old = item.path
         sid = _packet.new_speech_id()
         try:
-            os.rename(old, os.path.join(item.folder, '%s__%s' % (sid, item.name)))
+            with self.open(item.folder) as d:
+                d.rename(item.claimed, d, '%s__%s' % (sid, item.name))
         except OSError as exc:
-            log.error('scanner: cannot rename %s to a new speechID: %s', old, exc)
+            log.error('scanner: cannot rename %s to a new speechID: %s', utf8_name(old), exc)
             self.unfinished.append((item, Result.ERROR.value, 'ERROR', 'cannot take a new speechID: %s' % exc))
             return False
         log.warning('scanner: speechID=%s is used by another task; %s continues as speechID=%s',
@@ -438,27 +454,25 @@ class Scanner:
 
     def recover(self, folders):
         """At start: what a previous run left claimed is finished from its record, or submitted first."""
-        found = []
-        for folder in folders:
-            try:
-                with os.scandir(folder) as it:
-                    for entry in it:
-                        match = CLAIMED_RE.match(entry.name)
-                        if match and entry.is_file(follow_symlinks=False):
-                            found.append(Item(match.group(1), folder, match.group(2)))
-                        elif not entry.name.startswith('.'):
-                            log.warning('scanner: %s is not a claimed file; left alone', entry.path)
-            except OSError as exc:
-                log.error('scanner: cannot list %s: %s', folder, exc)
+        found = self.find_claimed(folders)
         if not found:
             return
-        found.sort(key=lambda item: item.sid)
-        # New speechIDs must never repeat one of these, even after the clock stepped back.
-        _packet.new_speech_id(datetime.datetime.strptime(found[-1].sid, '%Y%m%d_%H%M%S_%f'))
+        # A speechID our clock cannot have made (planted, or a broken clock: far in the
+        # future, before 2000, no date at all) must not move the clock: such a file
+        # takes a new speechID instead.
+        now = datetime.datetime.now()
+        planted = [item for item in found if not plausible(item.sid, now)]
+        found = sorted((item for item in found if item not in planted), key=lambda item: item.sid)
+        if found:
+            # New speechIDs must never repeat one of these, even after the clock stepped back.
+            _packet.new_speech_id(datetime.datetime.strptime(found[-1].sid, '%Y%m%d_%H%M%S_%f'))
         outcomes = recorded_outcomes(self.records, [item.sid for item in found])
         resumed = 0
-        for item in found:
-            if item.sid in self.items and not self.reclaim(item):
+        for item in found + planted:
+            if item in planted:
+                log.warning('scanner: %s has a speechID no clock of ours made; it takes a new one',
+                            utf8_name(item.path))
+            if (item in planted or item.sid in self.items) and not self.reclaim(item):
                 continue
             self.items[item.sid] = item
             outcome = outcomes.get(item.sid)
@@ -469,9 +483,26 @@ class Scanner:
             else:
                 self.queue.append(item)
                 resumed += 1
-        self.counts['recovered'] += len(found)
+        total = len(found) + len(planted)
+        self.counts['recovered'] += total
         log.info('scanner: found %d claimed file(s) from before: %d submitted again, %d already recorded',
-                 len(found), resumed, len(found) - resumed)
+                 total, resumed, total - resumed)
+
+    def find_claimed(self, folders):
+        found = []
+        for folder in folders:
+            try:
+                with self.open(folder) as d, d.scandir() as it:
+                    for entry in it:
+                        match = CLAIMED_RE.match(entry.name)
+                        if match and entry.is_file(follow_symlinks=False):
+                            found.append(Item(match.group(1), folder, match.group(2)))
+                        elif not entry.name.startswith('.'):
+                            log.warning('scanner: %s is not a claimed file; left alone',
+                                        utf8_name(os.path.join(folder, entry.name)))
+            except OSError as exc:
+                log.error('scanner: cannot list %s: %s', utf8_name(folder), exc)
+        return found
 
     # ------------------------------------------------------------ moving out
 
@@ -481,7 +512,10 @@ class Scanner:
         ok = result == Result.OK.value
         try:
             if ok and self.source_after == 'delete':
-                os.unlink(item.path)
+                with self.open(item.folder) as d:
+                    if d.stat(item.claimed) is None:
+                        raise FileNotFoundError(errno.ENOENT, 'not found', item.path)
+                    d.unlink(item.claimed)
                 where = 'deleted'
             elif ok:
                 where = self.move_aside(item, self.done_root)
@@ -490,10 +524,10 @@ class Scanner:
                 where = self.move_aside(item, self.error_root, reason[:REASON_MAX])
         except FileNotFoundError:
             where = 'already gone'
-            log.warning('scanner: speechID=%s %s was no longer in %s', item.sid, item.name, item.folder)
+            log.warning('scanner: speechID=%s %s was no longer in %s', item.sid, item.name, utf8_name(item.folder))
         except OSError as exc:
             log.error('scanner: speechID=%s: cannot move %s out (%s); trying again at the next pass',
-                      item.sid, item.path, exc)
+                      item.sid, utf8_name(item.path), exc)
             self.unfinished.append((item, result, state, message))
             return
         item.done = True
@@ -501,30 +535,32 @@ class Scanner:
         self.counts['done' if ok else 'failed'] += 1
         log.info('scanner: speechID=%s %s %s: %s', item.sid, item.name, 'done' if ok else 'failed (%s)' % result, where)
         try:
-            os.rmdir(item.folder)       # an empty .processing is not left behind
+            with self.open(os.path.dirname(item.folder)) as parent:
+                parent.rmdir(PROCESSING)        # an empty .processing is not left behind
         except OSError:
             pass
 
     def move_aside(self, item, root, reason=None):
+        """Move a claimed file below `root` (error_backup_path or scan_done_path, configured,
+        so trusted) into its subfolder there; every folder below `root` is walked, not followed."""
         rel = os.path.relpath(os.path.dirname(item.folder), self.root)
+        os.makedirs(root, exist_ok=True)
         folder = root if rel == '.' else os.path.join(root, rel)
-        os.makedirs(folder, exist_ok=True)
-        dest = os.path.join(folder, item.name)
-        if os.path.lexists(dest):
-            dest = os.path.join(folder, '%s_%s' % (item.sid, item.name))
-        if reason is not None:
-            # The reason first: a crash before the move leaves the file claimed, to be moved at the next start.
-            tmp = '%s.reason.%d' % (dest, os.getpid())
-            with open(tmp, 'w', encoding='utf-8') as f:
-                f.write(reason)
-            os.replace(tmp, dest + '.reason')
-        try:
-            os.rename(item.path, dest)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            shutil.move(item.path, dest)
-        return dest
+        with self.open(item.folder) as src, _safepath.open_dir(folder, [root], create=True) as dest:
+            st = src.stat(item.claimed)
+            if st is None:
+                raise FileNotFoundError(errno.ENOENT, 'not found', item.path)
+            name = item.name
+            if dest.stat(name) is not None:
+                name = '%s_%s' % (item.sid, item.name)
+            if reason is not None:
+                # The reason first: a crash before the move leaves the file claimed, to be moved at the next start.
+                fd, tmp = dest.create_temp(name + '.reason')
+                with os.fdopen(fd, 'w', encoding='utf-8', errors='replace') as f:
+                    f.write(reason)
+                dest.replace(tmp, name + '.reason')
+            src.move(item.claimed, dest, name, expect=st)
+        return utf8_name(os.path.join(folder, name))
 
 
 def main(sock, cfg, master_pid, close_fds=()):

@@ -60,9 +60,10 @@ class ScannerLink(ChildLink):
         sid = req.get('speechID') if isinstance(req, dict) else None
         if sid in self.active:
             return      # in flight already: a restarted scanner submits again what it found claimed
+        raw = req.pop(_scanner.RAW_PATH, None) if isinstance(req, dict) else None
         try:
             req = _packet.check_transcribe(req)
-            self.admit(req, keep_source=True)
+            self.admit(req, keep_source=True, file_path=raw)
         except RequestError as exc:
             self.send(LinkMsg.REJECTED, sid, Result.BAD_REQUEST.value, exc.message)
             return

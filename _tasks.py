@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import _config
 import _packet
+import _safepath
 from _jobs import Job, Outcome
 from _packet import RequestError
 from _records import ACCEPTED, FINAL, STATE, TaskRecord, last_seq, stamp
@@ -125,8 +126,9 @@ class TaskTable:
 
     # ------------------------------------------------------------ admission
 
-    def admit(self, req, source, conn=None, keep_source=False):
-        """Make a task of a checked request; Refused says why not."""
+    def admit(self, req, source, conn=None, keep_source=False, file_path=None):
+        """Make a task of a checked request; Refused says why not. `file_path`: the real
+        filePath when the request's is only its UTF-8 rendering (a scanned folder's name)."""
         if self.stopping():
             raise Refused(Result.UNAVAILABLE, 'the service manager is shutting down')
         sid = req.get('speechID')
@@ -139,7 +141,7 @@ class TaskTable:
         if len(self.tasks) >= self.max_tasks:
             raise Refused(Result.TOO_MANY, 'max_tasks (%d) tasks are already queued or running' % self.max_tasks)
         try:
-            job = self.make_job(req, keep_source)
+            job = self.make_job(req, keep_source, file_path)
         except RequestError as exc:
             raise Refused(Result.BAD_REQUEST, exc.message) from None
         now, mono = time.time(), time.monotonic()
@@ -156,15 +158,15 @@ class TaskTable:
             'startTime': stamp(task.created), 'created': task.created,
             'request': {k: v for k, v in req.items() if k != 'speechID'}, 'audioPath': job.audio_path})
         log.info('master: speechID=%s accepted from %s (%s)', sid, conn.name if conn is not None else source,
-                 job.candidates[0])
+                 _safepath.text(job.candidates[0]))
         return task
 
     def inside_roots(self, path):
         return _config.inside(os.path.realpath(path), self.roots)
 
-    def make_job(self, req, keep_source=False):
+    def make_job(self, req, keep_source=False, file_path=None):
         """The worker's job for a request; paths are checked against the roots here."""
-        base = req['filePath']
+        base = file_path or req['filePath']
         if not os.path.isabs(base):
             raise RequestError('filePath must be an absolute path: %s' % base)
         candidates = []

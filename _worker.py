@@ -2,16 +2,16 @@
 master, opens the source safely, prepares the audio with PyAV, runs the engine
 channel by channel and sends progress and the result back.
 """
+import errno
 import logging
 import os
-import shutil
 import stat
 import time
 
 import _audio
 import _children
 import _config
-from _config import inside
+import _safepath
 from _jobs import Outcome
 from _states import Result, State, WorkerMsg
 
@@ -30,35 +30,76 @@ class JobError(Exception):
         self.state, self.result, self.message = state, result, message
 
 
-def open_source(candidates, roots):
-    """Open the first existing candidate and return (fd, resolved path).
+class Source:
+    """The source file of the job in hand, opened without following links: its folder (a
+    _safepath.Dir), its name there, the open descriptor and its stat."""
 
-    The check runs on the file actually opened (/proc/self/fd), so a symlink
-    swapped after the master's check cannot lead outside the roots.
+    def __init__(self, folder, name, fd):
+        self.folder, self.name, self.fd = folder, name, fd
+        self.st = os.fstat(fd)
+        self.path = _safepath.text(folder.join(name))
+
+    def close(self):
+        os.close(self.fd)
+        self.folder.close()
+
+
+def open_source(candidates, roots):
+    """Open the first existing candidate as a Source.
+
+    Every folder on the way is opened from its root with O_NOFOLLOW, so a folder or a
+    file swapped for a symlink at any moment cannot lead outside the roots.
     """
     for path in candidates:
         try:
-            # O_NONBLOCK: a FIFO planted as the source must not hang the worker.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            return _open_below(path, roots)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        except OSError as exc:
-            raise JobError(State.NOFILE_ID, Result.NOT_FOUND,
-                           'fileID cannot be opened: %s (%s)' % (path, exc.strerror)) from exc
-        real = os.readlink('/proc/self/fd/%d' % fd)
-        if not inside(real, roots):
-            os.close(fd)
+        except _safepath.Outside:
             raise JobError(State.ERROR, Result.BAD_REQUEST,
-                           'the audio file resolves outside the allowed roots: %s' % path)
-        if not _is_regular(fd):
-            os.close(fd)
-            raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID is not a regular file: %s' % path)
-        return fd, real
-    raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID not found: %s' % candidates[0])
+                           'the audio file resolves outside the allowed roots: %s' % _safepath.text(path)) from None
+        except OSError as exc:
+            raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID cannot be opened: %s (%s)'
+                           % (_safepath.text(path), exc.strerror)) from exc
+    raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID not found: %s' % _safepath.text(candidates[0]))
 
 
-def _is_regular(fd):
-    return stat.S_ISREG(os.fstat(fd).st_mode)
+def _open_below(path, roots):
+    folder, name = _safepath.open_parent_resolved(path, roots)
+    try:
+        try:
+            # O_NONBLOCK: a FIFO planted as the source must not hang the worker.
+            fd = folder.open(name, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            # The file is a link: taken only where its target lies inside the roots.
+            real = os.path.realpath(folder.join(name))
+            folder.close()
+            folder = None
+            folder, name = _safepath.open_parent(real, roots)
+            fd = folder.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    except BaseException:
+        if folder is not None:
+            folder.close()
+        raise
+    source = Source(folder, name, fd)
+    if not stat.S_ISREG(source.st.st_mode):
+        source.close()
+        raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID is not a regular file: %s' % source.path)
+    return source
+
+
+def open_outputs(job):
+    """The audioPath folder, made where missing, reached like the source."""
+    try:
+        return _safepath.open_dir_resolved(job.audio_path, job.roots, create=True)
+    except _safepath.Outside:
+        raise JobError(State.ERROR, Result.BAD_REQUEST,
+                       'audioPath resolves outside the allowed roots: %s' % _safepath.text(job.audio_path)) from None
+    except OSError as exc:
+        raise JobError(State.NOFILE_WAV, Result.ERROR, 'cannot write to audioPath %s: %s'
+                       % (_safepath.text(job.audio_path), exc.strerror)) from exc
 
 
 def merge_channels(recognitions):
@@ -99,7 +140,9 @@ class PacketAgent:
         self.stopping = False
         self.reopen = False
         self.src_alias = None
-        self.real = None              # the source file actually opened for the job in hand
+        self.real = None              # the source file actually opened for the job in hand (text)
+        self.source = None            # its Source
+        self.outputs = None           # the audioPath folder (a _safepath.Dir)
         self.name = 'worker-%d' % worker_id
 
     def beat(self):
@@ -142,7 +185,7 @@ class PacketAgent:
     def handle(self, job):
         sid = job.speech_id
         tag = '%s speechID=%s' % (self.name, sid)
-        self.real = None
+        self.real = self.source = self.outputs = None
         try:
             outcome = self.process(job, tag)
         except JobError as exc:
@@ -157,21 +200,27 @@ class PacketAgent:
         except Exception as exc:  # the one catch-all of this loop: an engine failure must not kill us
             log.error('%s: engine failed: %s', tag, exc, exc_info=True)
             outcome = Outcome.failed(State.ERROR, Result.ERROR, 'engine failed: %s' % exc)
+        finally:
+            for held in (self.source, self.outputs):
+                if held is not None:
+                    held.close()
+            self.source = self.outputs = None
         self.send(WorkerMsg.DONE, sid, outcome)
 
     def process(self, job, tag):
         sid = job.speech_id
         self.send(WorkerMsg.STATE, sid, State.CONVERT.value)
-        fd, real = open_source(job.candidates, job.roots)
-        self.real = real
-        self.src_alias = '/proc/self/fd/%d' % fd
-        try:
-            prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
-                                      audio_path=job.audio_path, stem=job.stem,
-                                      mp3_backup=job.mp3_backup)
-        finally:
-            os.close(fd)
-        log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, real, prepared.duration,
+        self.source = source = open_source(job.candidates, job.roots)
+        self.real = source.path
+        self.src_alias = '/proc/self/fd/%d' % source.fd
+        self.outputs = open_outputs(job)
+        prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
+                                  audio_path=self.outputs, stem=job.stem,
+                                  mp3_backup=job.mp3_backup, source_stat=source.st)
+        if prepared.kept:
+            log.warning('%s: %s is the source itself: kept as it is, not overwritten nor removed',
+                        tag, ', '.join(prepared.kept))
+        log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, source.path, prepared.duration,
                  prepared.source_channels, ', dual mono' if prepared.dual_mono else '')
         self.beat()
         done = Outcome(State.DONE, Result.OK, duration=round(prepared.duration, 3),
@@ -179,8 +228,7 @@ class PacketAgent:
                        audio_wav=prepared.audio_wav, audio_mp3=prepared.audio_mp3)
         if not self.engine.embedded:
             # A remote engine reads the prepared files; the master sends it the 3001.
-            if job.source_after == 'delete' and not job.keep_source:
-                _unlink(real, tag)
+            self.remove_source(job, prepared, tag)
             done.state, done.prepared = State.RECOGNIZE, True
             return done
         self.send(WorkerMsg.STATE, sid, State.RECOGNIZE.value)
@@ -195,43 +243,88 @@ class PacketAgent:
         else:
             done.transcript = merge_channels(recognitions)
         done.channels = [{'channel': label, 'transcript': rec.text} for label, rec in recognitions]
-        self.cleanup_after_success(job, prepared, real, tag)
+        self.cleanup_after_success(job, prepared, tag)
         return done
 
-    def cleanup_after_success(self, job, prepared, real, tag):
+    def cleanup_after_success(self, job, prepared, tag):
         if not job.keep_wav:
             for name in [prepared.audio_wav] + list(prepared.channel_files):
-                _unlink(os.path.join(job.audio_path, name), tag)
-        if job.source_after == 'delete' and not job.keep_source:
-            _unlink(real, tag)
+                if name not in prepared.kept:
+                    _unlink(self.outputs, name, tag)
+        self.remove_source(job, prepared, tag)
+
+    def remove_source(self, job, prepared, tag):
+        """source_after = delete: the very file opened, by its folder's descriptor, and
+        only while its name still holds that file; never when it stands for an output."""
+        if job.source_after != 'delete' or job.keep_source or prepared.kept:
+            return
+        src = self.source
+        _unlink(src.folder, src.name, tag, expect=src.st)
 
     def backup_failed_source(self, job, tag, reason):
         """1.0 moved a source that failed conversion into error_backup_path."""
-        real = self.real
-        if not real or job.keep_source or job.source_after != 'delete':
+        src = self.source
+        if src is None or job.keep_source or job.source_after != 'delete':
             return
         dest_dir = job.error_backup_path
-        name = os.path.basename(real)
         try:
-            os.makedirs(dest_dir, exist_ok=True)
-            dest = os.path.join(dest_dir, name)
-            if os.path.lexists(dest):
-                dest = os.path.join(dest_dir, '%s_%s' % (job.speech_id, name))
-            shutil.move(real, dest)
-            with open(dest + '.reason', 'w', encoding='utf-8') as f:
-                f.write(reason + '\n')
-            log.info('%s: moved failed source to %s', tag, dest)
+            os.makedirs(dest_dir, exist_ok=True)        # configured by the operator: trusted
+            with _safepath.open_root(dest_dir) as dest:
+                name = src.name
+                if dest.stat(name) is not None:
+                    name = '%s_%s' % (job.speech_id, name)
+                fd, tmp = dest.create_temp(name + '.reason')
+                with os.fdopen(fd, 'w', encoding='utf-8', errors='replace') as f:
+                    f.write(reason + '\n')
+                dest.replace(tmp, name + '.reason')
+                src.folder.move(src.name, dest, name, expect=src.st)
+            log.info('%s: moved failed source to %s', tag, _safepath.text(os.path.join(dest_dir, name)))
         except OSError as exc:
-            log.error('%s: could not move failed source %s to %s: %s', tag, real, dest_dir, exc)
+            log.error('%s: could not move failed source %s to %s: %s', tag, src.path, dest_dir, exc)
 
 
-def _unlink(path, tag):
+def _unlink(folder, name, tag, expect=None):
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        folder.unlink(name, expect=expect)
     except OSError as exc:
-        log.warning('%s: could not remove %s: %s', tag, path, exc)
+        log.warning('%s: could not remove %s: %s', tag, _safepath.text(folder.join(name)), exc)
+
+
+def output_names(job):
+    """Every file a job may write in its audioPath."""
+    return [job.stem + suffix for suffix in ('.wav', '_A.wav', '_B.wav', '.mp3')]
+
+
+def remove_job_temps(job, pid):
+    """The hidden temp outputs a worker (`pid`) killed mid-conversion left for `job`:
+    removed by their exact names, so the cost is a walk and four unlinks, no listing."""
+    removed = 0
+    try:
+        with _safepath.open_dir_resolved(job.audio_path, job.roots) as folder:
+            for name in output_names(job):
+                removed += folder.unlink(_safepath.temp_name(name, pid))
+    except (OSError, ValueError) as exc:
+        log.debug('master: no temp files of worker pid %d to remove in %s: %s', pid, job.audio_path, exc)
+    if removed:
+        log.info('master: removed %d temp file(s) of worker pid %d in %s', removed, pid,
+                 _safepath.text(job.audio_path))
+    return removed
+
+
+def sweep_at_start(cfg, before):
+    """At start (in a thread of the master): temp files left in svcmgr's output folders by
+    the workers of an earlier run, those last changed before `before`."""
+    folders = [cfg['directory']['audio_target_path'], cfg['task']['error_backup_path'],
+               cfg['directory']['scan_done_path']]
+    removed = 0
+    for root in dict.fromkeys(os.path.realpath(f) for f in folders):
+        try:
+            removed += _safepath.remove_temps_below(root, before)
+        except OSError as exc:
+            log.warning('master: cannot sweep temp files in %s: %s', root, exc)
+    log.log(logging.INFO if removed else logging.DEBUG,
+            'master: removed %d temp file(s) left by an earlier run', removed)
+    return removed
 
 
 def main(worker_id, hb_index, conn, engine, cfg, heartbeats, master_pid, close_fds=()):

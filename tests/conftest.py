@@ -250,6 +250,9 @@ def make_daemon(tmp_path):
     made = []
 
     def make(**opts):
+        # SVCMGR_TEST_DAEMON_ROOT: run the daemon of another source tree (an old checkout, to
+        # show that a test fails there).
+        opts.setdefault('root', os.environ.get('SVCMGR_TEST_DAEMON_ROOT') or ROOT)
         d = Daemon(tmp_path / ('d%d' % len(made)), **opts)
         made.append(d)
         return d
