@@ -250,6 +250,8 @@ def make_daemon(tmp_path):
     made = []
 
     def make(**opts):
+        # SVCMGR_TEST_DAEMON_ROOT runs another checkout's daemon (e.g. old main) under these tests.
+        opts.setdefault('root', os.environ.get('SVCMGR_TEST_DAEMON_ROOT') or ROOT)
         d = Daemon(tmp_path / ('d%d' % len(made)), **opts)
         made.append(d)
         return d
