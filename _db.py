@@ -18,6 +18,7 @@ import time
 
 import pymysql
 
+import _jsonstrict
 from _records import ACCEPTED, FINAL, STATE, TaskRecord, stamp, write_synced
 from _states import Mark
 
@@ -318,7 +319,7 @@ class Spool:
     def append(self, events):
         if not events:
             return
-        data = ''.join(json.dumps(ev, ensure_ascii=True, separators=(',', ':'), default=str) + '\n'
+        data = ''.join(_jsonstrict.dumps(ev, ensure_ascii=True, separators=(',', ':'), default=str) + '\n'
                        for ev in events)
         data = data.encode('ascii')
         with self.lock:
@@ -383,7 +384,7 @@ def _append_line(path, obj):
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'a', encoding='ascii') as f:
-            f.write(json.dumps(obj, ensure_ascii=True, default=str) + '\n')
+            f.write(_jsonstrict.dumps(obj, ensure_ascii=True, default=str) + '\n')
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:

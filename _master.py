@@ -53,13 +53,15 @@ class Master:
         self.tasks = TaskTable(cfg, lambda event, payload: self.reporter.submit(event, payload),
                                lambda: self.stopping, self.engine_available, self._answer, self._released,
                                row_id=lambda sid: self.db.row_id(sid) if self.db else None)
+        self.tasks.cannot_record = lambda: self.reporter.blocked() if self.reporter else None
         self.counters = self.tasks.counters
         self.conns = ConnServer(self.loop, cfg, self.counters, self.on_frame, self.on_close)
         self.pool = WorkerPool(self.loop, cfg, engine, self.pid, self._extra_fds,
                                self.on_worker_state, self.on_worker_done, self.on_worker_lost)
         self.broker = EngineBroker(cfg, engine, self.tasks, self.conns.send, self.engine_changed)
         self.scanner = ScannerLink(self.loop, cfg, self.pid, self._extra_fds, self._admit_scanned,
-                                   lambda: self.engine_available() and not self.stopping)
+                                   lambda: self.engine_available() and not self.stopping
+                                   and not self.tasks.cannot_record())
         self.handlers = {Type.TRANSCRIBE: self.on_transcribe, Type.MONITOR: self.on_monitor,
                          Type.LOGIN: self.broker.on_login, Type.RECOGNIZE_RESP: self.broker.on_recognized}
 
@@ -244,6 +246,7 @@ class Master:
             body['outbox'] = self.webhook.status() if self.webhook else {'enabled': False}
             body['db'] = self.db.stats() if self.db else {'enabled': False}
             body['scanner'] = self.scanner.describe()
+            body['records'] = self.reporter.status()
         return body
 
     # ------------------------------------------------------------ timers and signals

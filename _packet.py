@@ -10,6 +10,7 @@ import re
 import threading
 from enum import IntEnum
 
+import _jsonstrict
 from _states import Result, State
 
 HEADER_LEN = 12
@@ -60,13 +61,14 @@ def _body_bytes(body):
     if isinstance(body, str):
         return body.encode('utf-8')
     if isinstance(body, (dict, list)):
-        text = json.dumps(body, ensure_ascii=False, separators=(',', ':'))
+        # Strict JSON only: a 1.0 client's parser (or a webhook receiver) refuses NaN.
+        text = _jsonstrict.dumps(body, ensure_ascii=False, separators=(',', ':'))
         try:
             return text.encode('utf-8')
         except UnicodeEncodeError:
             # A lone surrogate (legal as a \ud800 escape in a request we echo)
             # has no UTF-8 form; escaped ASCII JSON still carries it faithfully.
-            return json.dumps(body, ensure_ascii=True, separators=(',', ':')).encode('ascii')
+            return _jsonstrict.dumps(body, ensure_ascii=True, separators=(',', ':')).encode('ascii')
     raise TypeError('packet body must be bytes, str, dict or list, not %s' % type(body).__name__)
 
 
@@ -183,12 +185,11 @@ def decode_json(ptype, body):
     except UnicodeDecodeError as exc:
         raise RequestError('body of packet %s is not valid UTF-8 (byte %d)' % (ptype, exc.start)) from None
     try:
-        value = json.loads(text)
+        # NaN, Infinity and 1e999 would be echoed into answers, records and webhook bodies
+        # that strict JSON readers refuse; deep nesting exhausts the stack that encodes them.
+        value = _jsonstrict.loads(text)
     except ValueError as exc:
         raise RequestError('body of packet %s is not valid JSON: %s' % (ptype, exc)) from None
-    except RecursionError:
-        # Deeply nested arrays are valid JSON but exhaust the parser's stack.
-        raise RequestError('body of packet %s is nested too deeply' % ptype) from None
     if not isinstance(value, dict):
         raise RequestError('body of packet %s must be a JSON object, not %s'
                            % (ptype, type(value).__name__)) from None
@@ -197,12 +198,17 @@ def decode_json(ptype, body):
 
 def loose_json(body):
     """The fields of a body that failed the checks, to echo them in the error answer:
-    a dict when the body is a JSON object at all, else None."""
+    a dict when the body is a JSON object at all, else None. Numbers JSON cannot carry
+    become null; in a body nested too deeply only the plain top-level fields are kept."""
     try:
-        value = json.loads(bytes(body).decode('utf-8'))
+        value = json.loads(bytes(body).decode('utf-8'), parse_constant=lambda name: None)
     except (UnicodeDecodeError, ValueError, RecursionError):
         return None
-    return value if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    if _jsonstrict.depth_over(value):
+        value = {k: v for k, v in value.items() if not isinstance(v, (dict, list))}
+    return _jsonstrict.finite(value)
 
 
 # The speechID names files (records/webhook/<speechID>), so no path separators,

@@ -2,6 +2,7 @@
 hands it to every sink: first the usage records (records/YYYYMMDD.json, one JSON object a
 line), then the database, the webhook outbox and the scanner. The master's loop only enqueues.
 """
+import collections
 import dataclasses
 import json
 import logging
@@ -11,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import _jsonstrict
 from _states import Mark, Result, Source, State
 
 log = logging.getLogger('records')
@@ -153,53 +155,147 @@ def last_seq(folder, day):
     return best
 
 
+class Unwritten(Exception):
+    """A sink could not make a record durable now (a full disk, a folder gone meanwhile):
+    the reporter keeps the record, tries that sink again, and later sinks wait for it."""
+
+
 class RecordsFile:
-    """Appends one line per finished task to <folder>/YYYYMMDD.json."""
+    """Appends one line per finished task to <folder>/YYYYMMDD.json, fsync'd before the
+    next sink hears of the task. A torn last line (a write cut short by a full disk or a
+    crash) is cut back to the last whole line before anything is appended, and a file or
+    folder removed meanwhile is made again."""
 
     def __init__(self, folder):
         self.folder = folder
         self.day = None
-        self.fh = None
+        self.fd = None
+        self.ident = None           # (st_dev, st_ino) of the open file, to notice it was removed
+
+    def _path(self, day):
+        return os.path.join(self.folder, day + '.json')
+
+    def _still_there(self):
+        try:
+            st = os.stat(self._path(self.day))
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.ident
 
     def _file(self, now):
         day = time.strftime('%Y%m%d', time.localtime(now))
-        if day != self.day or self.fh is None:
-            self.close()
-            os.makedirs(self.folder, exist_ok=True)
-            self.fh = open(os.path.join(self.folder, day + '.json'), 'a', encoding='utf-8')
-            self.day = day
-        return self.fh
+        if self.fd is not None and day == self.day and self._still_there():
+            return self.fd
+        if self.fd is not None and day == self.day:
+            log.warning('records: %s was removed or replaced; making it again', self._path(day))
+        self.close()
+        os.makedirs(self.folder, exist_ok=True)
+        path = self._path(day)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        try:
+            repair_tail(fd, path)
+            st = os.fstat(fd)
+            fsync_dir(self.folder)      # a new file's name must be on disk with its first line
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.day, self.ident = fd, day, (st.st_dev, st.st_ino)
+        return fd
 
     def handle(self, event, record):
         if event != FINAL:
             return
-        line = json.dumps(record.to_line(), ensure_ascii=False, separators=(', ', ': ')) + '\n'
+        data = encode_line(record.to_line())
         try:
-            fh = self._file(time.time())
-            fh.write(line)
-            fh.flush()
+            fd = self._file(time.time())
+            size = os.fstat(fd).st_size
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            except OSError:
+                # A part written is a torn line: take it back now (or at the next open).
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+                raise
         except OSError as exc:
-            # A full disk or a removed folder must not stop the daemon; try afresh next time.
-            log.error('could not write the usage record of speechID=%s: %s', record.speech_id, exc)
             self.close()
+            raise Unwritten('records/%s.json: %s' % (self.day or time.strftime('%Y%m%d'),
+                                                     exc.strerror or exc)) from exc
 
     def close(self):
-        if self.fh is not None:
+        if self.fd is not None:
             try:
-                self.fh.close()
+                os.close(self.fd)
             except OSError as exc:
                 log.error('closing records file: %s', exc)
-            self.fh = None
+            self.fd = self.ident = None
+
+
+def encode_line(line):
+    """A records line as bytes: strict JSON, UTF-8 (escaped ASCII if a lone surrogate slipped in)."""
+    text = _jsonstrict.dumps(line, ensure_ascii=False, separators=(', ', ': '))
+    try:
+        return (text + '\n').encode('utf-8')
+    except UnicodeEncodeError:
+        return (_jsonstrict.dumps(line, ensure_ascii=True, separators=(', ', ': ')) + '\n').encode('ascii')
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def repair_tail(fd, path):
+    """Cut a file that does not end in a newline back to its last whole line (fd read-write)."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b'\n':
+        return
+    end, keep = size, 0
+    while end > 0:
+        start = max(0, end - 65536)
+        found = os.pread(fd, end - start, start).rfind(b'\n')
+        if found >= 0:
+            keep = start + found + 1
+            break
+        end = start
+    torn = os.pread(fd, min(size - keep, 200), keep)
+    os.ftruncate(fd, keep)
+    os.fsync(fd)
+    log.error('records: %s ended in a torn line (%d bytes, a write cut short); cut back to the last '
+              'whole line: %r', path, size - keep, torn)
+
+
+def fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Reporter(threading.Thread):
-    """Feeds each finished task to every sink, in order, off the master's loop."""
+    """Feeds each event to every sink, in order, off the master's loop.
+
+    A finished task's record goes through the sinks one by one; when one raises Unwritten
+    the record waits (with every later one, in order) and that sink is tried again every
+    RETRY_SECS, so nothing downstream (the scanner above all) hears of a task whose record
+    is not on disk. Meanwhile `trouble` says why, and the master refuses new tasks.
+    """
+
+    RETRY_SECS = 1.0
+    REMIND_SECS = 30.0
 
     def __init__(self, sinks):
         super().__init__(name='reporter', daemon=True)
         self.sinks = list(sinks)
         self.q = queue.Queue()
         self.written = 0
+        self.backlog = collections.deque()      # [record, index of the sink to try next, failed before]
+        self.trouble = None                     # {'since', 'error', ...} while records cannot be written
+        self.reminded = 0.0
 
     def submit(self, event, payload):
         """Queue an event for the sinks: (ACCEPTED, task dict), (STATE, dict), (FINAL, TaskRecord)."""
@@ -208,23 +304,98 @@ class Reporter(threading.Thread):
     def depth(self):
         return self.q.qsize()
 
+    def blocked(self):
+        """Why no task should be taken now (records cannot be written), or None."""
+        trouble = self.trouble
+        return trouble['error'] if trouble else None
+
+    def status(self):
+        """Monitor's records object (read from the master's thread)."""
+        trouble = self.trouble
+        body = {'ok': trouble is None, 'written': self.written, 'unwritten': len(self.backlog)}
+        if trouble:
+            body.update(error=trouble['error'], since=trouble['since'])
+        return body
+
     def run(self):
         while True:
-            item = self.q.get()
+            try:
+                item = self.q.get(timeout=self.RETRY_SECS if self.backlog else None)
+            except queue.Empty:
+                item = ()
             if item is None:
                 break
-            event, payload = item
-            for sink in self.sinks:
-                try:
-                    sink.handle(event, payload)
-                except Exception:  # one catch-all: a failing sink must not stop the others
-                    log.error('sink %s failed on %s event', type(sink).__name__, event, exc_info=True)
-            if event == FINAL:
-                self.written += 1
+            if item and item[0] == FINAL:
+                self.backlog.append([item[1], 0, False])
+            elif item:
+                for sink in self.sinks:
+                    try:
+                        self._call(sink, *item)
+                    except Unwritten as exc:
+                        log.error('sink %s could not take a %s event: %s', type(sink).__name__, item[0], exc)
+            if self.backlog:
+                self._drain()
+        self._drain()
+        self._give_up()
         for sink in self.sinks:
             close = getattr(sink, 'close', None)
             if close:
                 close()
+
+    def _call(self, sink, event, payload):
+        try:
+            sink.handle(event, payload)
+        except Unwritten:
+            raise
+        except Exception:  # one catch-all: a failing sink must not stop the others
+            log.error('sink %s failed on %s event', type(sink).__name__, event, exc_info=True)
+
+    def _drain(self):
+        """Hand the waiting records on, oldest first, until one cannot be made durable."""
+        while self.backlog:
+            entry = self.backlog[0]
+            record = entry[0]
+            while entry[1] < len(self.sinks):
+                try:
+                    self._call(self.sinks[entry[1]], FINAL, record)
+                except Unwritten as exc:
+                    self._failing(entry, str(exc))
+                    return
+                entry[1] += 1
+            self.backlog.popleft()
+            self.written += 1
+        if self.trouble:
+            log.warning('records: written again after %.0f s (%s); new tasks are taken again',
+                        time.time() - unstamp(self.trouble['since']), self.trouble['error'])
+            self.trouble = None
+
+    def _failing(self, entry, error):
+        now = time.time()
+        record = entry[0]
+        if not entry[2]:
+            entry[2] = True
+            log.error('could not write the usage record of speechID=%s: %s; it is kept and written when '
+                      'the disk lets it (a scanned file stays where it is until then)', record.speech_id, error)
+        if self.trouble is None:
+            self.trouble = {'since': stamp(now), 'error': error}
+            self.reminded = now
+            log.error('records: cannot be written (%s): new tasks are refused with result 3 until they can',
+                      error)
+        elif now - self.reminded >= self.REMIND_SECS:
+            self.reminded = now
+            log.error('records: still cannot be written (%s) since %s: %d record(s) waiting, new tasks refused',
+                      error, self.trouble['since'], len(self.backlog))
+        self.trouble = dict(self.trouble, error=error)
+
+    def _give_up(self):
+        """At stop: what still could not be written goes into the log, the last place left."""
+        if not self.backlog:
+            return
+        log.error('records: %d record(s) could not be written before the stop; their lines follow '
+                  '(scanned files among them stay claimed and run again at the next start)', len(self.backlog))
+        for record, _, _ in self.backlog:
+            log.error('records: unwritten line: %s', encode_line(record.to_line()).decode('utf-8', 'replace').rstrip())
+        self.backlog.clear()
 
     def stop(self, timeout=30):
         """Write out everything queued so far, then end the thread."""

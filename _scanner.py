@@ -153,7 +153,11 @@ def recorded_outcomes(folder, speech_ids):
                     try:
                         rec = json.loads(line)
                     except ValueError:
-                        continue        # a line cut short by a crash: as if never written
+                        # A line cut short (by a crash or a full disk) with, before 2.1, the next
+                        # record glued to it: that record still counts; the cut part never did.
+                        rec = _glued_record(line)
+                        if rec is None:
+                            continue
                     data = rec.get('data') if isinstance(rec, dict) else None
                     sid = data.get('speechID') if isinstance(data, dict) else None
                     if sid in wanted and rec.get('source') == Source.SCANNER.value and sid not in found:
@@ -171,6 +175,16 @@ def plausible(sid, now, slack=datetime.timedelta(days=1)):
     except ValueError:
         return False
     return datetime.datetime(2000, 1, 1) <= when <= now + slack
+
+
+def _glued_record(line):
+    start = line.rfind('{"data": ', 1)
+    if start < 0:
+        return None
+    try:
+        return json.loads(line[start:])
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------- the scanner process

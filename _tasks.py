@@ -103,6 +103,9 @@ class TaskTable:
         self.counters = collections.Counter()
         self.recently_ended = collections.OrderedDict()   # speechID -> final state, to explain late 4001s
         self.seq_day, self.seq = None, 0
+        # Why a record could not be written now (the reporter's trouble), else None: a task
+        # taken then would end with no record, so none is taken.
+        self.cannot_record = lambda: None
         self.configure(cfg)
 
     def configure(self, cfg):
@@ -131,6 +134,10 @@ class TaskTable:
         filePath when the request's is only its UTF-8 rendering (a scanned folder's name)."""
         if self.stopping():
             raise Refused(Result.UNAVAILABLE, 'the service manager is shutting down')
+        trouble = self.cannot_record()
+        if trouble:
+            raise Refused(Result.UNAVAILABLE, 'usage records cannot be written (%s): no task is taken until '
+                          'they can' % trouble)
         sid = req.get('speechID')
         if sid is None:
             sid = req['speechID'] = _packet.new_speech_id()

@@ -25,7 +25,8 @@ import requests
 import urllib3
 
 from _packet import SPEECH_ID_RE
-from _records import FINAL, stamp, write_synced
+import _jsonstrict
+from _records import FINAL, Unwritten, stamp, write_synced
 
 log = logging.getLogger('webhook')
 
@@ -153,7 +154,8 @@ def _reg_date_time(start_time):
 
 
 def encode_body(payload):
-    return json.dumps(payload, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
+    # Strict JSON: a receiver that refuses NaN would answer 400 to every retry.
+    return _jsonstrict.dumps(payload, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
 
 
 def sign(key, msg_id, timestamp, body):
@@ -242,7 +244,11 @@ class Outbox:
         folder = os.path.dirname(path)
         tmp = os.path.join(folder, '%s%s.%d.%d' % (TMP_PREFIX, os.path.basename(path), os.getpid(),
                                                    threading.get_ident()))
-        write_synced(tmp, data, os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+        try:
+            write_synced(tmp, data, os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW)
+        except OSError:
+            _unlink(tmp)        # a part written on a full disk holds space the retry needs
+            raise
         try:
             if exclusive:
                 # link() never replaces: an entry another writer made meanwhile stays intact.
@@ -367,7 +373,7 @@ class Outbox:
 
 
 def _dumps_entry(entry):
-    return (json.dumps(entry, ensure_ascii=False, indent=1) + '\n').encode('utf-8')
+    return (_jsonstrict.dumps(entry, ensure_ascii=False, indent=1) + '\n').encode('utf-8')
 
 
 def _unlink(path):
@@ -704,8 +710,8 @@ class WebhookSink:
             log.error('webhook: %s', exc)
             return
         except OSError as exc:
-            log.error('webhook speechID=%s: cannot write the outbox entry, not delivered: %s', sid, exc)
-            return
+            # The reporter keeps the record and calls again: the entry is written once the disk lets it.
+            raise Unwritten('webhook outbox entry of speechID=%s: %s' % (sid, exc.strerror or exc)) from exc
         self.sender.wake(name, entry['next_at'])
 
     def status(self):
