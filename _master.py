@@ -13,6 +13,7 @@ import _db
 import _engine
 import _packet
 import _records
+import _reload
 import _webhook
 import _worker
 from _conns import Conn, ConnServer, make_listener
@@ -49,6 +50,7 @@ class Master:
         self.stop_deadline = None
         self.running = True
         self.reporter = self.webhook = self.db = self.monitor = None
+        self.probe = None                   # a new engine on trial during a reload
         self.wake_r = self.wake_w = None
         self.tasks = TaskTable(cfg, lambda event, payload: self.reporter.submit(event, payload),
                                lambda: self.stopping, self.engine_available, self._answer, self._released,
@@ -262,6 +264,7 @@ class Master:
             self.tasks.end(task, Outcome.failed(
                 State.TIMEOUT, Result.TIMEOUT,
                 'the task did not finish within session_timeout_secs (%g s)' % self.tasks.timeout))
+        self.check_probe(now)
         self.conns.tick(now)
         self.pool.tick(now)
         self.scanner.tick(now)
@@ -280,6 +283,8 @@ class Master:
                 log.info('master: log files reopened')
 
     def reload(self):
+        """SIGHUP: load app.ini and check everything it needs without risk; a new embedded
+        engine model is tried in a probe process first (applied in tick() once it passed)."""
         path = self.cfg_path or self.cfg.filename
         try:
             cfg = _config.load(path)
@@ -287,11 +292,51 @@ class Master:
             for line in exc.problems:
                 log.error('master: reload refused: %s', line)
             return
-        log.info('master: reloading %s', path)
+        problems = _reload.preflight(cfg)
+        for line in problems:
+            log.error('master: reload refused, keeping the running configuration: %s', line)
+        if problems:
+            return
+        self.cancel_probe('a newer reload came')
+        if dict(cfg['engine']) != dict(self.cfg['engine']) and cfg['engine']['type'] != 'remote':
+            self.probe = _reload.Probe(cfg, path)
+            log.info('master: reload of %s waits for the new engine (%s %s) to pass a probe in pid %d',
+                     path, cfg['engine']['type'], cfg['engine']['model'] or '(default model)', self.probe.pid)
+            return
+        self.apply_config(cfg)
+
+    def cancel_probe(self, why):
+        if self.probe is not None:
+            log.warning('master: engine probe pid %d abandoned: %s', self.probe.pid, why)
+            self.probe.cancel()
+            self.probe = None
+
+    def check_probe(self, now):
+        result = self.probe.poll(now) if self.probe is not None else None
+        if result is None:
+            return
+        cfg, self.probe = self.probe.cfg, None
+        ok, message, fingerprint = result
+        if not ok:
+            log.error('master: reload refused: the new engine (%s %s) failed its probe: %s; keeping %s and the '
+                      'running configuration', cfg['engine']['type'], cfg['engine']['model'] or '(default model)',
+                      message, self.engine.name)
+            return
+        if fingerprint != _reload.model_fingerprint(cfg):
+            log.error('master: reload refused: the model folder changed after its probe; keeping %s', self.engine.name)
+            return
+        log.info('master: the new engine passed its probe (heard %r)', message[:80])
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg):
+        log.info('master: reloading %s', cfg.filename)
         old_listen = (self.cfg['server']['ip'], int(self.cfg['server']['port']))
         old_engine = dict(self.cfg['engine'])
         self.cfg = cfg
-        _config.setup_logging(cfg, 'master')
+        try:
+            _config.setup_logging(cfg, 'master')
+        except OSError as exc:
+            log.error('master: cannot log to %s (%s); logging stays where it was', cfg['setting']['log_path'], exc)
         new_listen = (cfg['server']['ip'], int(cfg['server']['port']))
         if new_listen != old_listen:
             try:
@@ -303,7 +348,7 @@ class Master:
         if dict(cfg['engine']) != old_engine:
             engine = _engine.make_engine(cfg)
             try:
-                engine.load()
+                engine.load()       # the probe loaded these very files already
             except _engine.EngineError as exc:
                 log.error('master: new engine could not be loaded (%s); keeping %s', exc, self.engine.name)
             else:
@@ -328,6 +373,7 @@ class Master:
             return
         self.stopping = True
         self.pool.stopping = True
+        self.cancel_probe('stopping')
         self.stop_deadline = time.monotonic() + float(self.cfg['setting']['graceful_timeout_secs'])
         log.info('master: %s received: stopping (graceful timeout %g s, %d task(s) in progress)',
                  why, float(self.cfg['setting']['graceful_timeout_secs']), len(self.tasks))
