@@ -83,6 +83,11 @@ audio_target_path = path(default='batch/rec_mp3')
 scan_interval_secs = float(min=0.1, max=86400, default=40)
 # Turn the scanner off to serve TCP clients only.
 scan_enabled = boolean(default=True)
+# auto: inotify wakes the scanner when a file is closed after writing or moved in, and it is
+# taken once unchanged for scan_settle_secs (polling stays for what inotify cannot see: NFS/SMB
+# shares written from other hosts); poll: scans every scan_interval_secs only.
+scan_watch = option('auto', 'poll', default='auto')
+scan_settle_secs = float(min=0.1, max=3600, default=1)
 # Name patterns the scanner leaves alone: files still being copied in.
 scan_ignore = string_list(default=list('*.part', '*.tmp', '~*'))
 # Extensions the scanner takes, without the dot, case-insensitive.
