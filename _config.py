@@ -455,6 +455,16 @@ def inside(path: str, roots) -> bool:
     return any(path == root or path.startswith(root.rstrip('/') + '/') for root in roots)
 
 
+def in_drop_folder(cfg: configobj.ConfigObj, real: str) -> bool:
+    """True when the resolved path `real` lies where the scanner takes files (audio_source_path
+    and below, its working folders aside) and the scanner is on: such a file is the scanner's."""
+    directory = cfg['directory']
+    if not directory['scan_enabled'] or not inside(real, [os.path.realpath(directory['audio_source_path'])]):
+        return False
+    working = (directory['audio_target_path'], cfg['task']['error_backup_path'], directory['scan_done_path'])
+    return not inside(real, [os.path.realpath(folder) for folder in working])
+
+
 def base_dir(cfg: configobj.ConfigObj) -> str:
     """The folder of the loaded app.ini, against which its relative paths were resolved."""
     return os.path.dirname(os.path.abspath(cfg.filename))

@@ -199,6 +199,10 @@ class Master:
         except RequestError as exc:
             self.reject(conn, _packet.loose_json(body), Result.BAD_REQUEST, exc.message)
             return
+        held = self.scanner.holds(req)
+        if held:
+            self.reject(conn, req, Result.BAD_REQUEST, held)
+            return
         try:
             self.tasks.admit(req, Source.CLIENT, conn)
         except Refused as exc:
