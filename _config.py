@@ -455,6 +455,58 @@ def inside(path: str, roots) -> bool:
     return any(path == root or path.startswith(root.rstrip('/') + '/') for root in roots)
 
 
+# The folders `start` makes sure of before anything binds or forks: (section, key, made at start).
+FOLDERS = (('setting', 'log_path', True), ('directory', 'audio_source_path', True),
+           ('directory', 'audio_target_path', True), ('task', 'error_backup_path', True),
+           ('directory', 'scan_done_path', False))
+
+
+def _folder_problem(folder: str, make: bool):
+    """Why `folder` cannot be used (made when `make`, else only its nearest existing parent
+    checked, the daemon making it when first needed), or None."""
+    try:
+        if make:
+            os.makedirs(folder, exist_ok=True)
+        else:
+            while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)
+    except OSError as exc:
+        blocker = folder
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        hint = ' (%s is a file, not a folder)' % blocker if os.path.isfile(blocker) else ''
+        return f'cannot create {folder}: {exc.strerror or exc}{hint}'
+    if not os.path.isdir(folder):
+        return f'{folder} is a file, not a folder'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'{folder} is not writable by uid {os.getuid()}'
+    return None
+
+
+def check_folders(cfg: configobj.ConfigObj) -> list:
+    """One line per folder `start` cannot use (exit 2 before binding), naming the key to change."""
+    name = os.path.basename(cfg.filename)
+    problems = []
+    for section, key, make in FOLDERS:
+        if key == 'scan_done_path' and not cfg['directory']['scan_enabled']:
+            continue
+        problem = _folder_problem(cfg[section][key], make)
+        if problem:
+            problems.append(f'{name} [{section}] {key}: {problem}')
+    base = base_dir(cfg)
+    for label, path in (('records folder', os.path.join(base, 'records')),
+                        ('[setting] pidfile', os.path.dirname(cfg['setting']['pidfile'])),
+                        ('[setting] psout', os.path.dirname(cfg['setting']['psout']))):
+        problem = _folder_problem(path, label == 'records folder')
+        if problem:
+            problems.append(f'{name} {label}: {problem}')
+    for root in cfg['directory']['allowed_roots']:
+        if not os.path.isdir(root):
+            problems.append(f'{name} [directory] allowed_roots: {root} does not exist (or is not a folder):'
+                            ' create it or take it out of the list')
+    return problems
+
+
 def in_drop_folder(cfg: configobj.ConfigObj, real: str) -> bool:
     """True when the resolved path `real` lies where the scanner takes files (audio_source_path
     and below, its working folders aside) and the scanner is on: such a file is the scanner's."""
