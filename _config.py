@@ -8,9 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import logging
 import logging.handlers
 import os
+import re
+import sys
 import urllib.parse
 
 import configobj
@@ -41,6 +44,12 @@ mode = option('TEST', 'PROD', default='TEST')
 log_level = option('debug', 'info', 'warning', 'error', 'critical', default='info')
 # Folder of the log files; created when missing.
 log_path = path(default='logs')
+# file: log_path as mode says; stderr: every process writes to its stderr (under systemd, the
+# journal; `start` sends the daemon's stderr to psout).
+log_to = option('file', 'stderr', default='file')
+# text: one line per record; json: one JSON object per line (time, level, role, pid, logger,
+# message, speechID when the line names one, exc) for a log shipper.
+log_format = option('text', 'json', default='text')
 # Version reported by Monitor (2003).
 version = string(default='2.0')
 # PacketAgent worker processes; 'auto' = the CPU count.
@@ -522,19 +531,46 @@ def base_dir(cfg: configobj.ConfigObj) -> str:
     return os.path.dirname(os.path.abspath(cfg.filename))
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log shippers; `role` is the process (master, worker-1, ...)."""
+
+    def __init__(self, role):
+        super().__init__()
+        self.role = role
+
+    def format(self, record):
+        message = record.getMessage()
+        doc = {'time': self.formatTime(record, '%Y-%m-%dT%H:%M:%S') + '.%03d' % record.msecs,
+               'level': record.levelname, 'role': self.role, 'pid': record.process, 'logger': record.name,
+               'message': message}
+        found = _SPEECH_ID.search(message)
+        if found:
+            doc['speechID'] = found.group(1)
+        if record.exc_info:
+            doc['exc'] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+_SPEECH_ID = re.compile(r'speechID=(\S+)')
+
+
 def setup_logging(cfg: configobj.ConfigObj, name: str) -> None:
-    """Point the root logger at this process's log file; a forked child calls it again."""
+    """Point the root logger at this process's log file (or stderr); a forked child calls it again."""
     setting = cfg['setting']
     log_path = setting['log_path']
-    os.makedirs(log_path, exist_ok=True)
-    if setting['mode'] == 'TEST':
+    if setting['log_to'] != 'stderr':
+        os.makedirs(log_path, exist_ok=True)
+    if setting['log_to'] == 'stderr':
+        handler = logging.StreamHandler(sys.stderr)
+    elif setting['mode'] == 'TEST':
         handler = logging.FileHandler(os.path.join(log_path, 'app.log'), mode='a', encoding='utf-8')
     else:
         # One file per process name, so no two processes ever rotate the same file.
         handler = logging.handlers.TimedRotatingFileHandler(
             os.path.join(log_path, f'{name}.log'), when='midnight', backupCount=31,
             encoding='utf-8')
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    text = logging.Formatter(_LOG_FORMAT)
+    handler.setFormatter(JsonFormatter(name) if setting['log_format'] == 'json' else text)
 
     root = logging.getLogger()
     # Handlers inherited over fork would keep writing to the parent's file.

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import _children
 import _config
 import _db
 import _engine
@@ -89,6 +90,7 @@ class Master:
             except OSError:
                 pass
             self.ready_fd = None
+        _children.sd_notify('READY=1\nMAINPID=%d' % os.getpid())
 
     def make_sinks(self):
         records = os.path.join(_config.base_dir(self.cfg), 'records')
@@ -325,6 +327,7 @@ class Master:
             return
         self.stopping = True
         self.pool.stopping = True
+        _children.sd_notify('STOPPING=1')
         self.stop_deadline = time.monotonic() + float(self.cfg['setting']['graceful_timeout_secs'])
         log.info('master: %s received: stopping (graceful timeout %g s, %d task(s) in progress)',
                  why, float(self.cfg['setting']['graceful_timeout_secs']), len(self.tasks))
