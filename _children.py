@@ -8,6 +8,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 
 import _config
 
@@ -115,3 +116,21 @@ def signal_pid(pid, sig):
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def sd_notify(state):
+    """Tell systemd (Type=notify) about the service: READY=1 once serving, STOPPING=1, RELOADING=1.
+    Does nothing unless started by systemd with $NOTIFY_SOCKET; never raises."""
+    where = os.environ.get('NOTIFY_SOCKET')
+    if not where:
+        return False
+    if where.startswith('@'):
+        where = '\0' + where[1:]       # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(where)
+            sock.sendall(state.encode('ascii'))
+        return True
+    except OSError as exc:
+        log.warning('master: cannot notify systemd at %s: %s', os.environ.get('NOTIFY_SOCKET'), exc)
+        return False

@@ -8,9 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import json
 import logging
 import logging.handlers
 import os
+import re
+import sys
 import urllib.parse
 
 import configobj
@@ -43,6 +46,12 @@ mode = option('TEST', 'PROD', default='TEST')
 log_level = option('debug', 'info', 'warning', 'error', 'critical', default='info')
 # Folder of the log files; created when missing.
 log_path = path(default='logs')
+# file: log_path as mode says; stderr: every process writes to its stderr (under systemd, the
+# journal; `start` sends the daemon's stderr to psout).
+log_to = option('file', 'stderr', default='file')
+# text: one line per record; json: one JSON object per line (time, level, role, pid, logger,
+# message, speechID when the line names one, exc) for a log shipper.
+log_format = option('text', 'json', default='text')
 # Version reported by Monitor (2003).
 version = string(default='2.0')
 # PacketAgent worker processes; 'auto' = the CPU count.
@@ -85,6 +94,11 @@ audio_target_path = path(default='batch/rec_mp3')
 scan_interval_secs = float(min=0.1, max=86400, default=40)
 # Turn the scanner off to serve TCP clients only.
 scan_enabled = boolean(default=True)
+# auto: inotify wakes the scanner when a file is closed after writing or moved in, and it is
+# taken once unchanged for scan_settle_secs (polling stays for what inotify cannot see: NFS/SMB
+# shares written from other hosts); poll: scans every scan_interval_secs only.
+scan_watch = option('auto', 'poll', default='auto')
+scan_settle_secs = float(min=0.1, max=3600, default=1)
 # Name patterns the scanner leaves alone: files still being copied in.
 scan_ignore = string_list(default=list('*.part', '*.tmp', '~*'))
 # Extensions the scanner takes, without the dot, case-insensitive.
@@ -455,24 +469,113 @@ def inside(path: str, roots) -> bool:
     return any(path == root or path.startswith(root.rstrip('/') + '/') for root in roots)
 
 
+# The folders `start` makes sure of before anything binds or forks: (section, key, made at start).
+FOLDERS = (('setting', 'log_path', True), ('directory', 'audio_source_path', True),
+           ('directory', 'audio_target_path', True), ('task', 'error_backup_path', True),
+           ('directory', 'scan_done_path', False))
+
+
+def _folder_problem(folder: str, make: bool):
+    """Why `folder` cannot be used (made when `make`, else only its nearest existing parent
+    checked, the daemon making it when first needed), or None."""
+    try:
+        if make:
+            os.makedirs(folder, exist_ok=True)
+        else:
+            while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+                folder = os.path.dirname(folder)
+    except OSError as exc:
+        blocker = folder
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        hint = ' (%s is a file, not a folder)' % blocker if os.path.isfile(blocker) else ''
+        return f'cannot create {folder}: {exc.strerror or exc}{hint}'
+    if not os.path.isdir(folder):
+        return f'{folder} is a file, not a folder'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'{folder} is not writable by uid {os.getuid()}'
+    return None
+
+
+def check_folders(cfg: configobj.ConfigObj) -> list:
+    """One line per folder `start` cannot use (exit 2 before binding), naming the key to change."""
+    name = os.path.basename(cfg.filename)
+    problems = []
+    for section, key, make in FOLDERS:
+        if key == 'scan_done_path' and not cfg['directory']['scan_enabled']:
+            continue
+        problem = _folder_problem(cfg[section][key], make)
+        if problem:
+            problems.append(f'{name} [{section}] {key}: {problem}')
+    base = base_dir(cfg)
+    for label, path in (('records folder', os.path.join(base, 'records')),
+                        ('[setting] pidfile', os.path.dirname(cfg['setting']['pidfile'])),
+                        ('[setting] psout', os.path.dirname(cfg['setting']['psout']))):
+        problem = _folder_problem(path, label == 'records folder')
+        if problem:
+            problems.append(f'{name} {label}: {problem}')
+    for root in cfg['directory']['allowed_roots']:
+        if not os.path.isdir(root):
+            problems.append(f'{name} [directory] allowed_roots: {root} does not exist (or is not a folder):'
+                            ' create it or take it out of the list')
+    return problems
+
+
+def in_drop_folder(cfg: configobj.ConfigObj, real: str) -> bool:
+    """True when the resolved path `real` lies where the scanner takes files (audio_source_path
+    and below, its working folders aside) and the scanner is on: such a file is the scanner's."""
+    directory = cfg['directory']
+    if not directory['scan_enabled'] or not inside(real, [os.path.realpath(directory['audio_source_path'])]):
+        return False
+    working = (directory['audio_target_path'], cfg['task']['error_backup_path'], directory['scan_done_path'])
+    return not inside(real, [os.path.realpath(folder) for folder in working])
+
+
 def base_dir(cfg: configobj.ConfigObj) -> str:
     """The folder of the loaded app.ini, against which its relative paths were resolved."""
     return os.path.dirname(os.path.abspath(cfg.filename))
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line for log shippers; `role` is the process (master, worker-1, ...)."""
+
+    def __init__(self, role):
+        super().__init__()
+        self.role = role
+
+    def format(self, record):
+        message = record.getMessage()
+        doc = {'time': self.formatTime(record, '%Y-%m-%dT%H:%M:%S') + '.%03d' % record.msecs,
+               'level': record.levelname, 'role': self.role, 'pid': record.process, 'logger': record.name,
+               'message': message}
+        found = _SPEECH_ID.search(message)
+        if found:
+            doc['speechID'] = found.group(1)
+        if record.exc_info:
+            doc['exc'] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+_SPEECH_ID = re.compile(r'speechID=(\S+)')
+
+
 def setup_logging(cfg: configobj.ConfigObj, name: str) -> None:
-    """Point the root logger at this process's log file; a forked child calls it again."""
+    """Point the root logger at this process's log file (or stderr); a forked child calls it again."""
     setting = cfg['setting']
     log_path = setting['log_path']
-    os.makedirs(log_path, exist_ok=True)
-    if setting['mode'] == 'TEST':
+    if setting['log_to'] != 'stderr':
+        os.makedirs(log_path, exist_ok=True)
+    if setting['log_to'] == 'stderr':
+        handler = logging.StreamHandler(sys.stderr)
+    elif setting['mode'] == 'TEST':
         handler = logging.FileHandler(os.path.join(log_path, 'app.log'), mode='a', encoding='utf-8')
     else:
         # One file per process name, so no two processes ever rotate the same file.
         handler = logging.handlers.TimedRotatingFileHandler(
             os.path.join(log_path, f'{name}.log'), when='midnight', backupCount=31,
             encoding='utf-8')
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    text = logging.Formatter(_LOG_FORMAT)
+    handler.setFormatter(JsonFormatter(name) if setting['log_format'] == 'json' else text)
 
     root = logging.getLogger()
     # Handlers inherited over fork would keep writing to the parent's file.

@@ -93,6 +93,11 @@ def cmd_start(cfg, cfg_path, foreground=False):
     if pid:
         print('svcmgr is already running with pid %d' % pid)
         return 1
+    problems = _config.check_folders(cfg)
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 2
     try:
         listener, engine = prepare_master(cfg, cfg_path)
     except OSError as exc:
@@ -180,7 +185,7 @@ def cmd_stop(cfg, quiet=False):
     if not pid:
         if not quiet:
             print('svcmgr is not running')
-        return 0 if quiet else 1
+        return 0        # LSB: stopping a stopped service succeeds
     try:
         procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:

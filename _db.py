@@ -26,6 +26,8 @@ log = logging.getLogger('db')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_FILE = os.path.join(HERE, 'schema.sql')
+if not os.path.isfile(SCHEMA_FILE):     # an installed svcmgr (pip install .): the data files' copy
+    SCHEMA_FILE = os.path.join(sys.prefix, 'share', 'svcmgr', 'schema.sql')
 SPOOL_NAME = 'db-spool.jsonl'
 REJECTED_NAME = 'db-rejected.jsonl'
 

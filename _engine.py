@@ -6,6 +6,7 @@ Engine types live in one registry, ENGINES ([engine] type -> class); app.ini's l
 types is read from it, so this module imports no engine package at the top (`svcmgr.py
 status` loads the configuration and must stay light).
 """
+import contextlib
 import ctypes
 import gc
 import importlib
@@ -13,6 +14,8 @@ import json
 import logging
 import os
 import re
+import sys
+import tempfile
 from dataclasses import dataclass, field
 
 log = logging.getLogger('engine')
@@ -70,6 +73,24 @@ _PS_FILLER = re.compile(r'^(<s>|</s>|<sil>|\[[A-Z]+\]|\+\+[A-Z]+\+\+)$')
 _PS_ALT = re.compile(r'\(\d+\)$')
 
 
+@contextlib.contextmanager
+def c_stderr_captured():
+    """Catch what C code writes to fd 2 meanwhile (a model loader's log lines) instead of
+    letting it reach the terminal first; yields a list that holds the text afterwards."""
+    said = ['']
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            said[0] = tmp.read(65536).decode('utf-8', 'replace')
+
+
 class PocketSphinxEngine(Engine):
     name = 'pocketsphinx'
 
@@ -89,10 +110,18 @@ class PocketSphinxEngine(Engine):
         kwargs = {}
         if self.model:
             kwargs['hmm'] = self.model
-        try:
-            self.decoder = Decoder(**kwargs)
-        except (RuntimeError, ValueError) as exc:
-            raise EngineError('pocketsphinx could not load model %r: %s' % (self.model or 'default', exc)) from exc
+        with c_stderr_captured() as said:
+            try:
+                self.decoder = Decoder(**kwargs)
+            except (RuntimeError, ValueError) as exc:
+                failed = exc
+            else:
+                failed = None
+        if failed is not None:
+            # The C library's own lines say why (a missing mdef, ...): they belong in the message.
+            detail = ' '.join(line.strip() for line in said[0].splitlines()[-3:] if line.strip())
+            raise EngineError('pocketsphinx could not load [engine] model %r: %s%s' % (
+                self.model or 'default', failed, ' (%s)' % detail if detail else '')) from failed
         self.sample_rate = int(self.decoder.config['samprate'])
         self.frate = int(self.decoder.config['frate'])
 

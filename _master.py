@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import _children
 import _config
 import _db
 import _engine
@@ -97,6 +98,7 @@ class Master:
             except OSError:
                 pass
             self.ready_fd = None
+        _children.sd_notify('READY=1\nMAINPID=%d' % os.getpid())
 
     def make_sinks(self):
         records = os.path.join(_config.base_dir(self.cfg), 'records')
@@ -206,6 +208,10 @@ class Master:
             req = _packet.check_transcribe(_packet.decode_json(Type.TRANSCRIBE, body))
         except RequestError as exc:
             self.reject(conn, _packet.loose_json(body), Result.BAD_REQUEST, exc.message)
+            return
+        held = self.scanner.holds(req)
+        if held:
+            self.reject(conn, req, Result.BAD_REQUEST, held)
             return
         try:
             self.tasks.admit(req, Source.CLIENT, conn)
@@ -374,6 +380,7 @@ class Master:
         self.stopping = True
         self.pool.stopping = True
         self.cancel_probe('stopping')
+        _children.sd_notify('STOPPING=1')
         self.stop_deadline = time.monotonic() + float(self.cfg['setting']['graceful_timeout_secs'])
         log.info('master: %s received: stopping (graceful timeout %g s, %d task(s) in progress)',
                  why, float(self.cfg['setting']['graceful_timeout_secs']), len(self.tasks))

@@ -137,7 +137,7 @@ class WorkerPool:
             return
         if self.slots.get(slot.number) is slot:
             del self.slots[slot.number]
-        reason = slot.killed_reason or 'died with %s' % why
+        reason = slot.killed_reason or ('ended with %s' if self.stopping and code == 0 else 'died with %s') % why
         level = logging.INFO if self.stopping and code == 0 else logging.ERROR
         log.log(level, 'master: worker %d (pid %d) %s', slot.number, slot.proc.pid, reason)
         if slot.task:

@@ -25,6 +25,7 @@ import _config
 import _packet
 import _records
 import _safepath
+import _watch
 from _link import encode_line, take_lines
 from _states import LinkMsg, Result, Source
 
@@ -64,14 +65,14 @@ class Walker:
         stem, dot, ext = name.rpartition('.')
         return bool(dot and stem) and ext.lower() in self.extensions
 
-    def walk(self):
-        """([(path, size, mtime_ns, inode)], [.processing folder]) under the root.
+    def walk(self, top=None):
+        """([(path, size, mtime_ns, inode)], [.processing folder]) under the root (or `top`).
 
         Symbolic links are not followed (a link to a folder could loop, a link to a
         file would be moved instead of the file), nor are the working folders entered.
         """
         files, processing = [], []
-        stack = [self.root]
+        stack = [top or self.root]
         while stack:
             folder = stack.pop()
             try:
@@ -231,6 +232,11 @@ class Scanner:
         self.walker = Walker(self.root, [d['audio_target_path'], self.error_root, self.done_root],
                              d['scan_ignore'], d['scan_extensions'])
         self.settler = Settler()
+        # inotify (scan_watch = auto) lets a file closed after writing go after scan_settle_secs.
+        self.watch_mode = d['scan_watch']
+        self.quick = _watch.QuickSettler(float(d['scan_settle_secs']), self.walker.wanted)
+        self.watcher = None
+        self.next_pass = 0.0
         e = cfg['engine']
         parallel = max(int(cfg['setting']['worker_processes']), int(e['engine_slots']) * int(e['engine_concurrency']))
         self.limit = min(int(cfg['setting']['max_tasks']), TASKS_PER_WORKER * parallel)
@@ -245,7 +251,7 @@ class Scanner:
         self.stopping = False
         self.reopen = False
         self.rbuf = bytearray()
-        self.counts = collections.Counter(dict.fromkeys(('scans', 'claimedTotal', 'recovered', 'done', 'failed'), 0))
+        self.counts = collections.Counter(dict.fromkeys(('scans', 'claimedTotal', 'quickClaims', 'recovered', 'done', 'failed'), 0))
         self.last = {}
         self.reported = (0.0, None)
 
@@ -257,12 +263,19 @@ class Scanner:
                                       self.close_fds, keep=(self.sock.fileno(),), nice=SCANNER_NICE):
             return
         self.sock.setblocking(True)
-        log.info('scanner: watching %s every %g s (pid %d)', self.root, self.interval, os.getpid())
+        if self.watch_mode == 'auto':
+            watcher = _watch.Watcher(self.root, self.walker.skip)
+            self.watcher = watcher if watcher.start() else None
+        log.info('scanner: watching %s every %g s%s (pid %d)', self.root, self.interval,
+                 ', inotify: files closed after writing go after %g s' % self.quick.settle if self.watcher else
+                 ' (polling only)', os.getpid())
         self.loop()
+        if self.watcher is not None:
+            self.watcher.close()
         log.info('scanner: stopped')
 
     def loop(self):
-        next_pass = time.monotonic()
+        self.next_pass = time.monotonic()
         while not self.stopping:
             try:
                 if os.getppid() != self.master_pid:
@@ -271,18 +284,15 @@ class Scanner:
                 if self.reopen:
                     self.reopen = False
                     _config.reopen_logs()
-                if time.monotonic() >= next_pass:
+                if time.monotonic() >= self.next_pass:
                     started = time.monotonic()
                     self.scan()
                     # Pass starts stay at least one interval apart: that is what "settled" counts on.
-                    next_pass = max(started + self.interval, time.monotonic())
+                    self.next_pass = max(started + self.interval, time.monotonic())
+                self.quick_claims()
                 self.submit()
                 self.report()
-                now = time.monotonic()
-                wait = min(max(0.0, next_pass - now), 1.0)
-                if self.queue and self.engine and self.hold_until > now:
-                    wait = min(wait, self.hold_until - now)
-                self.receive(wait)
+                self.receive(self.wait_time())
             except (BrokenPipeError, ConnectionError):
                 log.warning('scanner: connection to the master lost, exiting')
                 return
@@ -295,9 +305,22 @@ class Scanner:
     def send(self, *msg):
         self.sock.sendall(encode_line(*msg))
 
+    def wait_time(self):
+        now = time.monotonic()
+        wait = min(max(0.0, self.next_pass - now), 1.0)
+        if self.queue and self.engine and self.hold_until > now:
+            wait = min(wait, self.hold_until - now)
+        due = self.quick.next_due() if self.engine else None
+        if due is not None:
+            wait = min(wait, max(0.0, due - now))
+        return wait
+
     def receive(self, timeout):
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        if not ready:
+        watched = [self.watcher] if self.watcher is not None else []
+        ready, _, _ = select.select([self.sock] + watched, [], [], timeout)
+        if watched and self.watcher in ready:
+            self.on_events(self.watcher.read())
+        if self.sock not in ready:
             return
         data = self.sock.recv(1 << 16)
         if not data:
@@ -353,6 +376,26 @@ class Scanner:
         else:
             log.warning('scanner: unknown message %r from the master', kind)
 
+    def on_events(self, events):
+        for kind, path in events:
+            if kind == _watch.OVERFLOW:
+                log.warning('scanner: inotify dropped events; a full pass now')
+                self.next_pass = time.monotonic()
+            elif kind == _watch.NEWDIR:
+                # Files written before the folder was watched raised no event here.
+                for found, _size, _mtime, _inode in self.walker.walk(path)[0]:
+                    self.quick.note(_watch.WRITTEN, found)
+            else:
+                self.quick.note(kind, path)
+
+    def quick_claims(self):
+        if not self.engine or self.quick.next_due() is None:
+            return
+        claimed = sum(self.claim(path) for path in self.quick.ready())
+        if claimed:
+            log.info('scanner: %d file(s) claimed as soon as written (inotify)', claimed)
+            self.counts['quickClaims'] += claimed
+
     def submit(self):
         if not self.engine or time.monotonic() < self.hold_until:
             return
@@ -379,6 +422,7 @@ class Scanner:
     def report(self, force=False):
         """Send the status Monitor shows: after each pass, and at most every STATUS_SECS when it changed."""
         status = dict(self.last, state='running' if self.engine else 'paused', claimed=len(self.queue),
+                      watch='inotify' if self.watcher is not None else 'poll', settling=len(self.quick.due),
                       inProgress=len(self.outstanding), **self.counts)
         at, before = self.reported
         now = time.monotonic()
@@ -433,6 +477,7 @@ class Scanner:
         except OSError as exc:
             return self._cannot_claim(path, exc)
         self.settler.forget(path)
+        self.quick.forget(path)
         self.stuck.pop(path, None)
         self.items[item.sid] = item
         self.queue.append(item)

@@ -7,7 +7,9 @@ that is how "ended" is never told before the record exists.
 """
 import collections
 import logging
+import os
 
+import _config
 import _packet
 import _scanner
 from _link import ChildLink
@@ -55,6 +57,23 @@ class ScannerLink(ChildLink):
             self.on_submit(msg[1])
         else:
             super().on_message(kind, msg)
+
+    def holds(self, req):
+        """Why a client's request for a file in the drop folder is refused, or None. The
+        scanner takes such a file by itself, so a client task for it would run it twice (or
+        lose it to the scanner's rename); refusing is the one answer that is always right."""
+        base = req.get('filePath')
+        if not self.enabled or not isinstance(base, str) or not os.path.isabs(base):
+            return None
+        for key in ('fileID', 'fileName'):
+            name = req.get(key)
+            if isinstance(name, str) and name:
+                path = os.path.normpath(os.path.join(base, name))
+                if _config.in_drop_folder(self.cfg, os.path.realpath(path)):
+                    return ('%s lies in the drop folder [directory] audio_source_path (%s), which the scanner '
+                            'takes files from by itself: leave it there without a request, or move it to another '
+                            'allowed root' % (path, os.path.realpath(self.cfg['directory']['audio_source_path'])))
+        return None
 
     def on_submit(self, req):
         sid = req.get('speechID') if isinstance(req, dict) else None

@@ -9,22 +9,23 @@ import sys
 
 import _config
 
+__version__ = '2.1.0'
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_INI = os.path.join(HERE, 'app.ini')
 MONITOR_PARTS = ('all', 'engine', 'task', 'cpu', 'memory', 'disk')
 
 
 def parser():
-    p = argparse.ArgumentParser(prog='svcmgr.py', description='svcmgr, the Service Manager for batch STT')
-    p.add_argument('-c', '--config', default=DEFAULT_INI, help='app.ini to use (default: beside svcmgr.py)')
+    p = argparse.ArgumentParser(prog='svcmgr', description='svcmgr, the Service Manager for batch STT')
+    p.add_argument('--version', action='version', version='svcmgr %s' % __version__)
+    p.add_argument('-c', '--config', default=None,
+                   help='app.ini to use (default: $SVCMGR_CONFIG, else the one beside svcmgr.py, else ./app.ini)')
     sub = p.add_subparsers(dest='command', required=True)
     for name, text in (('start', 'start the daemon'), ('stop', 'stop the daemon gracefully'),
                        ('restart', 'stop, then start'), ('status', 'show the master and its children'),
                        ('reload', 'reload app.ini (SIGHUP)'), ('run', 'run in the foreground (systemd)')):
         sub.add_parser(name, help=text)
-    t = sub.add_parser('transcribe', help='send files to the running daemon and print the transcripts')
-    t.add_argument('files', nargs='+')
-    t.add_argument('--keep', action='store_true', help='keep the source files (default: as app.ini says)')
+    transcribe_parser(sub)
     m = sub.add_parser('monitor', help='print the Monitor answer')
     m.add_argument('--type', default='all', choices=MONITOR_PARTS)
     w = sub.add_parser('webhook', help='the webhook outbox (works on its files, running or not)')
@@ -37,6 +38,40 @@ def parser():
     d = sub.add_parser('db', help='the MySQL database of [db]: init applies schema.sql, check verifies it')
     d.add_argument('db_command', choices=('init', 'check'))
     return p
+
+
+def transcribe_parser(sub):
+    t = sub.add_parser('transcribe', help='send files and folders to the running daemon; print or write the results',
+                       description='Files are sent as the daemon has room (never a result 6); results are printed '
+                                   'as they arrive. Exit 0 when every file gave 0, 1 when any failed, 2 when there '
+                                   'was nothing to send, 3 when the daemon cannot be reached.')
+    t.add_argument('paths', nargs='+', metavar='PATH', help='audio files, or folders walked recursively')
+    t.add_argument('--glob', metavar='PATTERN',
+                   help='file names to take in folders (default: [directory] scan_extensions)')
+    t.add_argument('--format', choices=('text', 'json', 'srt', 'vtt'), default='text',
+                   help='text (default), json, srt or vtt (one cue per call until the engine gives segments)')
+    where = t.add_mutually_exclusive_group()
+    where.add_argument('--out', metavar='DIR', help='write one <name>.<format> per file under DIR')
+    where.add_argument('--beside', action='store_true', help='write <name>.<format> beside each input')
+    t.add_argument('--jobs', type=int, metavar='N',
+                   help='files in flight at once (default: 2 per worker, never above the free max_tasks)')
+    t.add_argument('--keep', action='store_true', help='keep the source files (the default)')
+    t.add_argument('--delete-source', action='store_true',
+                   help='let [task] source_after decide, which deletes a source after success by default')
+    bar = t.add_mutually_exclusive_group()
+    bar.add_argument('--progress', action='store_true', default=None, help='show the progress line even off a terminal')
+    bar.add_argument('--no-progress', dest='progress', action='store_false', help='never show the progress line')
+    t.add_argument('-q', '--quiet', action='store_true', help='print errors only (and the summary)')
+
+
+def default_config():
+    """$SVCMGR_CONFIG, else app.ini beside svcmgr.py (a source tree), else ./app.ini (an installed svcmgr)."""
+    env = os.environ.get('SVCMGR_CONFIG')
+    if env:
+        return env
+    if os.path.isfile(DEFAULT_INI):
+        return DEFAULT_INI
+    return os.path.join(os.getcwd(), 'app.ini')
 
 
 def load_config(cfg_path, command):
@@ -71,7 +106,7 @@ def run(args, cfg, cfg_path):
     if command in ('transcribe', 'monitor'):
         import _client
         if command == 'transcribe':
-            return _client.cmd_transcribe(cfg, args.files, args.keep)
+            return _client.cmd_transcribe(cfg, args)
         return _client.cmd_monitor(cfg, args.type)
     if command == 'webhook':
         import _webhook
@@ -88,7 +123,9 @@ def main(argv=None):
     if args.command == 'webhook' and args.webhook_command == 'redeliver' \
             and bool(args.speech_ids) == bool(args.all_failed):
         p.error('webhook redeliver takes speechIDs or --all-failed')
-    cfg_path = os.path.abspath(args.config)
+    if args.command == 'transcribe' and args.jobs is not None and args.jobs < 1:
+        p.error('--jobs must be 1 or more')
+    cfg_path = os.path.abspath(args.config or default_config())
     cfg = load_config(cfg_path, args.command)
     if cfg is None:
         return 2

@@ -83,7 +83,7 @@ def test_shipped_app_ini_loads_with_paths_beside_it(tmp_path, monkeypatch):
     assert cfg['directory']['audio_target_path'] == str(ROOT / 'batch' / 'rec_mp3')
     assert cfg['directory']['allowed_roots'] == [
         os.path.realpath(ROOT / 'batch'), os.path.realpath(ROOT / 'batch' / 'rec_mp3'),
-        os.path.realpath(ROOT / 'error')]
+        os.path.realpath(ROOT / 'error'), os.path.realpath(ROOT / 'tests' / 'fixtures')]
     assert cfg['setting']['session_timeout_secs'] == 300.0
     assert cfg['setting']['worker_processes'] == (os.cpu_count() or 1)
     assert cfg['server']['ip'] == '127.0.0.1'
