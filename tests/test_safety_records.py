@@ -276,13 +276,15 @@ def test_a_torn_line_from_before_never_hides_a_record_so_nothing_runs_twice(make
     # next start the scanner must find that record even though the file began with a torn line.
     d = scanning(make_daemon, source_after='keep', extra='scan_done_path = done\n')
     blocker = os.path.join(d.base, 'done')
-    with open(blocker, 'w') as f:
-        f.write('a file where the done folder should be')
     records = os.path.join(d.base, 'records')
     os.makedirs(records, exist_ok=True)
     with open(os.path.join(records, time.strftime('%Y%m%d') + '.json'), 'wb') as f:
         f.write(pad_line('pad-2', 500) + b'{"data": {"speechID": "cut-short", "transcr')
     d.start()
+    # start refuses a file where a folder belongs, so the done folder turns into one after it.
+    shutil.rmtree(blocker, ignore_errors=True)
+    with open(blocker, 'w') as f:
+        f.write('a file where the done folder should be')
     drop(d, 'en_hello.wav', 'call-once.wav')
     wait_for(lambda: 'cannot move' in d.log_text(), 60, 'the failed move out')
     assert len(claimed(d)) == 1
