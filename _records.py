@@ -4,6 +4,7 @@ line), then the database, the webhook outbox and the scanner. The master's loop 
 """
 import collections
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -161,16 +162,18 @@ class Unwritten(Exception):
 
 
 class RecordsFile:
-    """Appends one line per finished task to <folder>/YYYYMMDD.json, fsync'd before the
-    next sink hears of the task. A torn last line (a write cut short by a full disk or a
-    crash) is cut back to the last whole line before anything is appended, and a file or
-    folder removed meanwhile is made again."""
+    """Appends one line per finished task to <folder>/YYYYMMDD.json. The lines the reporter
+    hands over in one go are fsync'd together (commit()) before the next sink hears of any
+    of them. A torn last line (a write cut short by a full disk or a crash) is cut back to
+    the last whole line before anything is appended; a file or folder removed meanwhile is
+    made again. Any failure takes back every line since the last commit: Unwritten."""
 
     def __init__(self, folder):
         self.folder = folder
         self.day = None
         self.fd = None
         self.ident = None           # (st_dev, st_ino) of the open file, to notice it was removed
+        self.synced = None          # the file's size at the last commit, while lines wait for one
 
     def _path(self, day):
         return os.path.join(self.folder, day + '.json')
@@ -184,10 +187,14 @@ class RecordsFile:
 
     def _file(self, now):
         day = time.strftime('%Y%m%d', time.localtime(now))
-        if self.fd is not None and day == self.day and self._still_there():
-            return self.fd
         if self.fd is not None and day == self.day:
+            if self._still_there():
+                return self.fd
             log.warning('records: %s was removed or replaced; making it again', self._path(day))
+            if self.synced is not None:
+                raise OSError(errno.ENOENT, 'the file was removed before its last lines were synced')
+        if self.fd is not None:
+            self.commit()               # midnight: yesterday's last lines first
         self.close()
         os.makedirs(self.folder, exist_ok=True)
         path = self._path(day)
@@ -208,21 +215,33 @@ class RecordsFile:
         data = encode_line(record.to_line())
         try:
             fd = self._file(time.time())
-            size = os.fstat(fd).st_size
-            try:
-                write_all(fd, data)
-                os.fsync(fd)
-            except OSError:
-                # A part written is a torn line: take it back now (or at the next open).
-                try:
-                    os.ftruncate(fd, size)
-                except OSError:
-                    pass
-                raise
+            if self.synced is None:
+                self.synced = os.fstat(fd).st_size
+            write_all(fd, data)
         except OSError as exc:
-            self.close()
-            raise Unwritten('records/%s.json: %s' % (self.day or time.strftime('%Y%m%d'),
-                                                     exc.strerror or exc)) from exc
+            self._fail(exc)
+
+    def commit(self):
+        """fsync what handle() wrote since the last commit; Unwritten takes all of it back."""
+        if self.fd is None or self.synced is None:
+            return
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self._fail(exc)
+        self.synced = None
+
+    def _fail(self, exc):
+        # A part written is a torn line, and lines not synced were never passed on: take them back.
+        if self.fd is not None and self.synced is not None:
+            try:
+                os.ftruncate(self.fd, self.synced)
+            except OSError:
+                pass                    # cut at the next open instead
+        self.synced = None
+        self.close()
+        raise Unwritten('records/%s.json: %s' % (self.day or time.strftime('%Y%m%d'),
+                                                 exc.strerror or exc)) from exc
 
     def close(self):
         if self.fd is not None:
@@ -287,6 +306,7 @@ class Reporter(threading.Thread):
 
     RETRY_SECS = 1.0
     REMIND_SECS = 30.0
+    BATCH = 256
 
     def __init__(self, sinks):
         super().__init__(name='reporter', daemon=True)
@@ -318,29 +338,39 @@ class Reporter(threading.Thread):
         return body
 
     def run(self):
-        while True:
+        stopping = False
+        while not stopping:
             try:
-                item = self.q.get(timeout=self.RETRY_SECS if self.backlog else None)
+                batch = [self.q.get(timeout=self.RETRY_SECS if self.backlog else None)]
             except queue.Empty:
-                item = ()
-            if item is None:
-                break
-            if item and item[0] == FINAL:
-                self.backlog.append([item[1], 0, False])
-            elif item:
-                for sink in self.sinks:
-                    try:
-                        self._call(sink, *item)
-                    except Unwritten as exc:
-                        log.error('sink %s could not take a %s event: %s', type(sink).__name__, item[0], exc)
+                batch = []
+            # Whatever queued meanwhile goes in the same round: its records share one fsync.
+            while batch and batch[-1] is not None and len(batch) < self.BATCH:
+                try:
+                    batch.append(self.q.get_nowait())
+                except queue.Empty:
+                    break
+            for item in batch:
+                if item is None:
+                    stopping = True
+                elif item[0] == FINAL:
+                    self.backlog.append([item[1], 0, False])
+                else:
+                    self._event(*item)
             if self.backlog:
                 self._drain()
-        self._drain()
         self._give_up()
         for sink in self.sinks:
             close = getattr(sink, 'close', None)
             if close:
                 close()
+
+    def _event(self, event, payload):
+        for sink in self.sinks:
+            try:
+                self._call(sink, event, payload)
+            except Unwritten as exc:
+                log.error('sink %s could not take a %s event: %s', type(sink).__name__, event, exc)
 
     def _call(self, sink, event, payload):
         try:
@@ -351,20 +381,40 @@ class Reporter(threading.Thread):
             log.error('sink %s failed on %s event', type(sink).__name__, event, exc_info=True)
 
     def _drain(self):
-        """Hand the waiting records on, oldest first, until one cannot be made durable."""
-        while self.backlog:
-            entry = self.backlog[0]
-            record = entry[0]
-            while entry[1] < len(self.sinks):
+        """Hand the waiting records on, sink by sink, oldest first: a record reaches a sink
+        only after every older one did, and passes a sink with commit() only once committed."""
+        failed = False
+        for stage, sink in enumerate(self.sinks):
+            passed, error = [], None
+            for entry in self.backlog:
+                if entry[1] < stage:
+                    break               # an older record still waits before this sink
+                if entry[1] > stage:
+                    continue
                 try:
-                    self._call(self.sinks[entry[1]], FINAL, record)
+                    self._call(sink, FINAL, entry[0])
                 except Unwritten as exc:
-                    self._failing(entry, str(exc))
-                    return
-                entry[1] += 1
+                    error = str(exc)
+                    self._failing(entry, error)
+                    break
+                entry[1] = stage + 1
+                passed.append(entry)
+            commit = getattr(sink, 'commit', None)
+            if commit is not None and passed and error is None:
+                try:
+                    commit()
+                except Unwritten as exc:
+                    error = str(exc)
+            if commit is not None and error is not None:
+                # What the sink took since its last commit is gone again: those records wait too.
+                for entry in passed:
+                    entry[1] = stage
+                    self._failing(entry, error)
+            failed = failed or error is not None
+        while self.backlog and self.backlog[0][1] >= len(self.sinks):
             self.backlog.popleft()
             self.written += 1
-        if self.trouble:
+        if not failed and not self.backlog and self.trouble:
             log.warning('records: written again after %.0f s (%s); new tasks are taken again',
                         time.time() - unstamp(self.trouble['since']), self.trouble['error'])
             self.trouble = None

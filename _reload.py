@@ -77,6 +77,11 @@ def probe_pcm(rate, secs=1.0):
     return samples.tobytes()
 
 
+def engine_settings(cfg):
+    """The [engine] section as JSON gives it back, to tell whether the probe tried the same one."""
+    return json.loads(json.dumps(dict(cfg['engine']), default=str))
+
+
 class Probe:
     """A probe process for a new app.ini's engine; poll() says how it ended."""
 
@@ -109,6 +114,8 @@ class Probe:
                     result = json.loads(line[len(PROBE_MARK):])
                 except ValueError:
                     break
+                if code == 0 and result.get('ok') and result.get('engine') != engine_settings(self.cfg):
+                    return False, 'app.ini changed while the probe ran: reload again', None
                 if code == 0 and result.get('ok'):
                     return True, result.get('text', ''), result.get('fingerprint')
                 return False, result.get('error') or 'exit status %d' % code, None
@@ -147,7 +154,7 @@ def probe_main(cfg_path):
     if before != after:
         _answer(ok=False, error='the model folder changed while it was being loaded')
         return 1
-    _answer(ok=True, text=text, fingerprint=after)
+    _answer(ok=True, text=text, fingerprint=after, engine=engine_settings(cfg))
     return 0
 
 

@@ -380,3 +380,67 @@ def test_nan_and_infinity_in_a_request_are_refused_with_7(make_daemon, receiver,
     assert bad == [] and [r['data']['speechID'] for r in good] == ['fine']
     assert good[0]['request']['score'] == 1.5
     assert receiver.refused == [] and receiver.ids() == ['fine']
+
+
+# ------------------------------------------------------------------ the reporter's order, without a daemon
+
+class FlakySink:
+    """A sink with commit(): refuses (Unwritten) while `down`, and takes back what it held uncommitted."""
+
+    def __init__(self):
+        import _records
+        self.Unwritten = _records.Unwritten
+        self.down, self.pending, self.durable = False, [], []
+
+    def handle(self, event, record):
+        if event != 'final':
+            return
+        if self.down:
+            self.pending = []
+            raise self.Unwritten('disk full')
+        self.pending.append(record.speech_id)
+
+    def commit(self):
+        if self.down:
+            self.pending = []
+            raise self.Unwritten('disk full')
+        self.durable += self.pending
+        self.pending = []
+
+
+class Downstream:
+    def __init__(self, first):
+        self.first, self.seen, self.early = first, [], []
+
+    def handle(self, event, record):
+        if event == 'final':
+            if record.speech_id not in self.first.durable:
+                self.early.append(record.speech_id)
+            self.seen.append(record.speech_id)
+
+
+def test_the_reporter_passes_a_record_on_only_once_it_is_durable_and_in_order():
+    import _records
+    from _states import Result, Source, State
+
+    def rec(i):
+        return _records.TaskRecord('r%03d' % i, Source.SCANNER, State.DONE, Result.OK, 0.0, 1.0, [], {})
+    first = FlakySink()
+    down = Downstream(first)
+    reporter = _records.Reporter([first, down])
+    reporter.RETRY_SECS = 0.05
+    reporter.start()
+    for i in range(20):
+        reporter.submit(_records.FINAL, rec(i))
+    wait_for(lambda: len(down.seen) == 20, 10, 'the first 20')
+    first.down = True
+    for i in range(20, 60):
+        reporter.submit(_records.FINAL, rec(i))
+    wait_for(lambda: reporter.blocked(), 10, 'the reporter blocked')
+    assert reporter.status()['ok'] is False and len(down.seen) == 20
+    first.down = False
+    wait_for(lambda: len(down.seen) == 60, 10, 'the held records')
+    reporter.stop()
+    ids = ['r%03d' % i for i in range(60)]
+    assert first.durable == ids and down.seen == ids and down.early == []
+    assert reporter.blocked() is None and reporter.written == 60
