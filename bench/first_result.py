@@ -8,7 +8,7 @@ port changed, to a free one; every relative path in a temporary copy of the tree
   default) over --runs copies, and once with scan_watch = poll (the 40 s scans alone);
 - the scanner's CPU per hour while idle (nothing dropped; --idle-files non-audio files in batch/) with inotify at the shipped 40 s
   interval, polling at 40 s, and polling at 1 s (what polling alone would need to come
-  near inotify's latency), measured over --idle-secs each with psutil and scaled to an hour.
+  near inotify's latency), measured over --idle-secs each from /proc/<pid>/schedstat and scaled to an hour.
 
 Usage: .venv/bin/python bench/first_result.py [--runs 5] [--idle-secs 60] [--idle-files 1000] [--no-poll-drop]
 """
@@ -134,6 +134,12 @@ def drops(tmp, label, runs, **changes):
     return totals[len(totals) // 2]
 
 
+def cpu_ns(pid):
+    """CPU time of a process in ns (/proc/<pid>/schedstat: clock ticks are too coarse for an idle one)."""
+    with open('/proc/%d/schedstat' % pid) as f:
+        return int(f.read().split()[0])
+
+
 def idle_cpu(tmp, label, secs, files, **changes):
     base = os.path.join(tmp, label)
     # What an operator's drop folder tends to hold besides audio: notes, exports, in folders.
@@ -145,14 +151,14 @@ def idle_cpu(tmp, label, secs, files, **changes):
     with Shipped(base, **changes) as s:
         p = s.scanner()
         time.sleep(2)
-        t0 = p.cpu_times()
+        t0 = cpu_ns(p.pid)
         w0 = time.monotonic()
         time.sleep(secs)
-        t1 = p.cpu_times()
+        t1 = cpu_ns(p.pid)
         wall = time.monotonic() - w0
-    cpu = (t1.user + t1.system) - (t0.user + t0.system)
+    cpu = (t1 - t0) / 1e9
     per_hour = cpu / wall * 3600
-    print('  %-22s %.3f s CPU in %.0f s  ->  %.2f s CPU per hour' % (label, cpu, wall, per_hour))
+    print('  %-22s %.4f s CPU in %.0f s  ->  %.2f s CPU per hour' % (label, cpu, wall, per_hour))
     return per_hour
 
 

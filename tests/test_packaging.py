@@ -68,3 +68,35 @@ def test_an_installed_svcmgr_runs_from_the_folder_of_its_app_ini(tmp_path):
         assert run('stop').returncode == 0
     wait_for(lambda: not os.path.exists(str(home / 'svcmgr.pid')), 30, 'pidfile removed')
     assert run('status').returncode == 3
+
+
+def test_lock_files_are_current_and_every_package_hashed():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'lock.py'), '--check'], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ('requirements.lock', 'requirements-vosk.lock', 'requirements-test.lock'):
+        with open(os.path.join(ROOT, name), encoding='utf-8') as f:
+            text = f.read()
+        pins = re.findall(r'(?m)^([A-Za-z0-9._-]+)==(\S+) \\\n\s+--hash=sha256:[0-9a-f]{64}', text)
+        assert len(pins) == len(re.findall(r'(?m)^[A-Za-z0-9._-]+==', text)) > 10, name
+
+
+def test_a_stale_lock_is_named_and_stops_bootstrap(tmp_path):
+    for name in glob.glob(os.path.join(ROOT, 'requirements*')) + [os.path.join(ROOT, 'bootstrap.sh')]:
+        shutil.copy(name, str(tmp_path))
+    (tmp_path / 'tools').mkdir()
+    shutil.copy(os.path.join(ROOT, 'tools', 'lock.py'), str(tmp_path / 'tools'))
+    check = [sys.executable, str(tmp_path / 'tools' / 'lock.py'), '--check']
+    assert subprocess.run(check, capture_output=True, timeout=60).returncode == 0
+    req = tmp_path / 'requirements.txt'
+    req.write_text(req.read_text().replace('av==18.1.0', 'av==18.0.0'))
+    out = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert 'requirements.lock is out of date with requirements.txt: run .venv/bin/python tools/lock.py' in out.stderr
+    assert 'requirements.lock has av 18.1.0, requirements.txt pins 18.0.0' in out.stderr
+    assert 'requirements-test.lock is out of date with requirements.txt' in out.stderr
+    # bootstrap.sh (start.sh, test.sh) refuses to install from it.
+    out = subprocess.run(['sh', str(tmp_path / 'bootstrap.sh'), 'requirements.txt'], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and 'requirements.lock is out of date' in out.stderr
+    assert not glob.glob(str(tmp_path / '.venv' / 'lib' / 'python3*' / 'site-packages' / 'av'))
