@@ -30,7 +30,7 @@ def client_exchange(cfg, frames, expect, timeout):
     return answers
 
 
-def cmd_transcribe(cfg, files, keep):
+def cmd_transcribe(cfg, files, keep, fmt='text'):
     frames = []
     for path in files:
         path = os.path.abspath(path)
@@ -38,6 +38,8 @@ def cmd_transcribe(cfg, files, keep):
                'fileID': os.path.basename(path), 'fileName': os.path.basename(path)}
         if keep:
             req['keepSource'] = True
+        if fmt != 'text':
+            req['segments'] = True
         frames.append((Type.TRANSCRIBE, req))
     timeout = float(cfg['setting']['session_timeout_secs']) + 30
     try:
@@ -50,7 +52,9 @@ def cmd_transcribe(cfg, files, keep):
     worst = 0
     for _, body in answers:
         name = names.get(body.get('speechID'), body.get('speechID'))
-        if body.get('result') == '0':
+        if body.get('result') == '0' and fmt != 'text':
+            print_answer(body, name, fmt, len(frames) > 1)
+        elif body.get('result') == '0':
             print('%s\t%s' % (name, body.get('transcript', '').replace('\n', '\n\t')))
         else:
             worst = 1
@@ -59,6 +63,18 @@ def cmd_transcribe(cfg, files, keep):
         print('svcmgr: the daemon answered %d of %d requests' % (len(answers), len(frames)), file=sys.stderr)
         worst = 1
     return worst
+
+
+def print_answer(body, name, fmt, several):
+    """One file's answer as JSON (a line each) or as SRT/WebVTT (headed by its name when
+    several files were sent, so one file's subtitle can be redirected as it is)."""
+    if fmt == 'json':
+        print(json.dumps(dict(body, file=name), ensure_ascii=False))
+        return
+    import _segments
+    if several:
+        print('==> %s <==' % name)
+    print(_segments.RENDER[fmt](body.get('segments') or [], stereo=len(body.get('channels') or ()) > 1), end='')
 
 
 def cmd_monitor(cfg, kind):

@@ -11,13 +11,15 @@ import time
 import _audio
 import _children
 import _config
+import _segments
 from _config import inside
 from _jobs import Outcome
 from _states import Result, State, WorkerMsg
 
 log = logging.getLogger('worker')
 
-# Words of one channel further apart than this start a new line in a stereo transcript.
+# Words of one channel further apart than this start a new line in a stereo transcript
+# (the transcript's lines are as they always were; segments follow the engine's utterances).
 UTTERANCE_GAP_SECS = 0.8
 WORKER_NICE = 5
 
@@ -165,10 +167,13 @@ class PacketAgent:
         fd, real = open_source(job.candidates, job.roots)
         self.real = real
         self.src_alias = '/proc/self/fd/%d' % fd
+        # No work nobody asked for: an embedded engine reads the PCM itself, so the 8 kHz WAV
+        # is written only when it is kept; no 8 kHz pass at all when no file is wanted.
+        write_wav = job.keep_wav or not self.engine.embedded
         try:
             prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
-                                      audio_path=job.audio_path, stem=job.stem,
-                                      mp3_backup=job.mp3_backup)
+                                      audio_path=job.audio_path if write_wav or job.mp3_backup else None,
+                                      stem=job.stem, mp3_backup=job.mp3_backup, write_wav=write_wav)
         finally:
             os.close(fd)
         log.info('%s: converted %s (%.2f s, %d channel(s)%s)', tag, real, prepared.duration,
@@ -176,7 +181,8 @@ class PacketAgent:
         self.beat()
         done = Outcome(State.DONE, Result.OK, duration=round(prepared.duration, 3),
                        source_channels=prepared.source_channels,
-                       audio_wav=prepared.audio_wav, audio_mp3=prepared.audio_mp3)
+                       # The answer names the WAV as 1.0 did, also when keep_wav = false left none.
+                       audio_wav=prepared.audio_wav or job.stem + '.wav', audio_mp3=prepared.audio_mp3)
         if not self.engine.embedded:
             # A remote engine reads the prepared files; the master sends it the 3001.
             if job.source_after == 'delete' and not job.keep_source:
@@ -184,22 +190,50 @@ class PacketAgent:
             done.state, done.prepared = State.RECOGNIZE, True
             return done
         self.send(WorkerMsg.STATE, sid, State.RECOGNIZE.value)
-        labels = 'AB'
+        recognitions = self.recognize(prepared)
+        self.answer(done, recognitions, job)
+        self.write_subtitles(job, done, tag)
+        self.cleanup_after_success(job, prepared, real, tag)
+        return done
+
+    def recognize(self, prepared):
+        """[(channel label, Recognition)] of the prepared PCM, channel by channel."""
         recognitions = []
-        for i, pcm in enumerate(prepared.engine_pcm):
-            recognitions.append((labels[i], self.engine.recognize(pcm)))
+        for label, pcm in zip('AB', prepared.engine_pcm):
+            recognitions.append((label, self.engine.recognize(pcm)))
             self.beat()
         del prepared.engine_pcm[:]
+        return recognitions
+
+    @staticmethod
+    def answer(done, recognitions, job):
+        """Fill the Outcome from the engine's recognitions: transcript, channels, segments."""
         if len(recognitions) == 1:
             done.transcript = recognitions[0][1].text
         else:
             done.transcript = merge_channels(recognitions)
         done.channels = [{'channel': label, 'transcript': rec.text} for label, rec in recognitions]
-        self.cleanup_after_success(job, prepared, real, tag)
-        return done
+        done.segments = _segments.build(recognitions, job.low_confidence)
+        done.confidence = _segments.mean_confidence(done.segments)
+
+    def write_subtitles(self, job, done, tag):
+        """<stem>.srt / <stem>.vtt beside the WAV when [task] subtitles asks for them."""
+        for fmt in job.subtitles:
+            path = os.path.join(job.audio_path, '%s.%s' % (job.stem, fmt))
+            tmp = os.path.join(job.audio_path, '.%s.%s.%d.tmp' % (job.stem, fmt, os.getpid()))
+            try:
+                os.makedirs(job.audio_path, exist_ok=True)
+                with open(tmp, 'w', encoding='utf-8') as f:
+                    f.write(_segments.RENDER[fmt](done.segments))
+                os.replace(tmp, path)
+            except OSError as exc:
+                # The transcript is the task's result; a subtitle that cannot be written is logged.
+                log.error('%s: cannot write %s: %s', tag, path, exc)
+                _unlink(tmp, tag)
 
     def cleanup_after_success(self, job, prepared, real, tag):
-        if not job.keep_wav:
+        if not job.keep_wav and prepared.audio_wav:
+            # Not written for an embedded engine (see process()); kept as a guard.
             for name in [prepared.audio_wav] + list(prepared.channel_files):
                 _unlink(os.path.join(job.audio_path, name), tag)
         if job.source_after == 'delete' and not job.keep_source:

@@ -25,6 +25,9 @@ def parser():
     t = sub.add_parser('transcribe', help='send files to the running daemon and print the transcripts')
     t.add_argument('files', nargs='+')
     t.add_argument('--keep', action='store_true', help='keep the source files (default: as app.ini says)')
+    t.add_argument('--format', default='text', choices=('text', 'json', 'srt', 'vtt'),
+                   help='text: the transcripts; json: each answer with its segments, a line each; '
+                        'srt, vtt: subtitles of the segments')
     m = sub.add_parser('monitor', help='print the Monitor answer')
     m.add_argument('--type', default='all', choices=MONITOR_PARTS)
     w = sub.add_parser('webhook', help='the webhook outbox (works on its files, running or not)')
@@ -71,7 +74,7 @@ def run(args, cfg, cfg_path):
     if command in ('transcribe', 'monitor'):
         import _client
         if command == 'transcribe':
-            return _client.cmd_transcribe(cfg, args.files, args.keep)
+            return _client.cmd_transcribe(cfg, args.files, args.keep, args.format)
         return _client.cmd_monitor(cfg, args.type)
     if command == 'webhook':
         import _webhook
