@@ -196,3 +196,105 @@ def test_srt_and_vtt_read_back_with_the_same_times_and_texts():
     mono = [dict(SEGS[0])]
     check_subtitles(_segments.to_srt(mono), _segments.to_vtt(mono), mono, prefix=False)
     assert _segments.to_srt([]) == '' and _segments.to_vtt([]).startswith('WEBVTT')
+
+
+# ------------------------------------------------------------ through the daemon
+
+def recv_raw(c, timeout=120):
+    """The next frame as (type, raw body bytes): byte-for-byte comparisons need the bytes."""
+    import socket
+    import time
+    deadline = time.monotonic() + timeout
+    while not c.frames:
+        c.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = c.sock.recv(1 << 16)
+        except socket.timeout:
+            raise TimeoutError('no frame within %s s' % timeout) from None
+        if not data:
+            raise ConnectionError('connection closed by the daemon')
+        c.frames.extend(c.decoder.feed(data))
+    return c.frames.pop(0)
+
+
+def test_1_0_answers_are_byte_identical_unless_segments_are_asked_for(make_daemon):
+    d = make_daemon(workers=1).start()
+    c = d.client()
+    try:
+        for sid, case in RECORDED.items():
+            name = case['request']['fileID']
+            if name != 'nothing.wav':
+                d.fixture(name)
+            for extra in ({}, {'segments': False}):
+                req = dict(case['request'], filePath=d.data, **extra)
+                c.send(1002, req)
+                ptype, body = recv_raw(c)
+                want = case['body'].replace('@DATA@', d.data)
+                if extra and 'result":"0"' not in want:
+                    # An error answer echoes the request, segments: false included.
+                    want = want.replace('"speechID":"%s",' % sid, '"speechID":"%s","segments":false,' % sid)
+                assert (ptype, body.decode('utf-8')) == (case['type'], want), (sid, extra)
+        # Asked for: the same answer, then segments and confidence after it.
+        case = RECORDED['stereo-1']
+        c.send(1002, dict(case['request'], filePath=d.data, segments=True))
+        ptype, body = recv_raw(c)
+    finally:
+        c.close()
+    text = body.decode('utf-8')
+    assert text.startswith(case['body'][:-1] + ',"segments":[')
+    answer = json.loads(text)
+    assert [(s['channel'], s['text']) for s in answer['segments']] == [
+        ('A', 'hello customer how can i help you'), ('B', 'i need help with my internet connection'),
+        ('A', 'we will send you an email')]
+    assert 0 < answer['confidence'] <= 1
+
+
+def test_segments_reach_the_answer_the_record_and_the_subtitles(make_daemon):
+    d = make_daemon(workers=2)
+    d.write_ini('')
+    with open(d.ini, encoding='utf-8') as f:
+        ini = f.read().replace('keep_wav = true', 'keep_wav = true\nsubtitles = srt, vtt\nlow_confidence = 0.6')
+    with open(d.ini, 'w', encoding='utf-8') as f:
+        f.write(ini)
+    d.start()
+    for name in ('three_sentences.wav', 'overlap_call.wav'):
+        d.fixture(name)
+    c = d.client()
+    try:
+        c.send(1002, transcribe_req(d.data, 'three_sentences.wav', sid='three', segments=True))
+        c.send(1002, transcribe_req(d.data, 'overlap_call.wav', sid='overlap', segments=True))
+        c.send(1002, {'filePath': d.data, 'fileID': 'x.wav', 'segments': 'yes'})
+        answers = {body.get('speechID') or 'bad': body for _, body in c.recv_n(3, timeout=120)}
+    finally:
+        c.close()
+    assert answers['bad']['result'] == '7' and 'segments must be true or false' in answers['bad']['message']
+    three, overlap = answers['three'], answers['overlap']
+    assert [s['text'] for s in three['segments']] == SEG['three_sentences.wav']['texts']
+    assert_segments_cover_the_speech(three['segments'], speech_spans(os.path.join(FIXTURES, 'three_sentences.wav')))
+    assert_segments_cover_the_speech(overlap['segments'], speech_spans(os.path.join(FIXTURES, 'overlap_call.wav')))
+    assert all(s['lowConfidence'] == (s['confidence'] < 0.6) for s in three['segments'] + overlap['segments'])
+    # The transcript is what it always was: stereo as A:/B: lines.
+    assert overlap['transcript'] == '\n'.join('%s: %s' % (t['channel'], t['text'])
+                                              for t in SEG['overlap_call.wav']['turns'])
+    records = {r['data']['speechID']: r for r in d.wait_records(2)}
+    for sid, answer in (('three', three), ('overlap', overlap)):
+        assert records[sid]['segments'] == answer['segments']
+        assert records[sid]['confidence'] == answer['confidence']
+    # Subtitles beside the WAV, read back by the srt and webvtt-py packages.
+    folder = records['overlap']['audioPath']
+    for sid, answer, prefix in (('three', three, False), ('overlap', overlap, True)):
+        with open(os.path.join(folder, sid + '.srt'), encoding='utf-8') as f_srt, \
+                open(os.path.join(folder, sid + '.vtt'), encoding='utf-8') as f_vtt:
+            check_subtitles(f_srt.read(), f_vtt.read(), answer['segments'], prefix)
+
+
+def test_transcribe_command_formats(make_daemon):
+    d = make_daemon(workers=1).start()
+    _, name = d.fixture('overlap_call.wav')
+    path = os.path.join(d.data, name)
+    out = {fmt: d.cli('transcribe', '--keep', '--format', fmt, path, check=True).stdout
+           for fmt in ('json', 'srt', 'vtt', 'text')}
+    answer = json.loads(out['json'])
+    assert answer['file'] == path and answer['result'] == '0' and len(answer['segments']) == 3
+    check_subtitles(out['srt'], out['vtt'], answer['segments'], prefix=True)
+    assert out['text'].startswith(path + '\tA: hello customer how can i help you\n\tB: ')
