@@ -881,6 +881,8 @@ def check(cfg, out=print):
                 cur.execute('SELECT COUNT(*), COUNT(finished_at), COUNT(*) - COUNT(finished_at) FROM task')
                 total, final, running = cur.fetchone()
                 lines.append('task: %d row(s), %d final, %d not final' % (total, final, running))
+                cur.execute('SELECT COUNT(*), COUNT(DISTINCT task_id) FROM task_segment')
+                lines.append('task_segment: %d row(s) of %d task(s)' % cur.fetchone())
                 cur.execute('SELECT node, status, updated_at FROM node_status ORDER BY node')
                 nodes = cur.fetchall()
                 lines.append('node_status: %d row(s)' % len(nodes))
