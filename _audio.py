@@ -112,14 +112,14 @@ class _WavFile:
 class _Outputs:
     """The files of one prepare() call, under temporary names until commit()."""
 
-    def __init__(self, src, folder, stem, channels, mp3_backup, source_stat=None):
+    def __init__(self, src, folder, stem, channels, mp3_backup, source_stat=None, write_wav=True):
         self.src = src
         self.folder = None          # a _safepath.Dir; a path given here is opened (and closed) by us
         self.own_folder = isinstance(folder, str)
         self.source_stat = source_stat
         self.kept = []
-        self.wav_name = stem + '.wav'
-        self.channel_names = [stem + '_A.wav', stem + '_B.wav'] if channels == 2 else []
+        self.wav_name = stem + '.wav' if write_wav else None
+        self.channel_names = [stem + '_A.wav', stem + '_B.wav'] if channels == 2 and write_wav else []
         self.mp3_name = stem + '.mp3' if mp3_backup else None
         self.wavs = []          # [_WavFile]: the source's channels, then A and B
         self.mp3 = None         # (temp path, container, stream)
@@ -131,7 +131,8 @@ class _Outputs:
                 os.makedirs(folder, exist_ok=True)
                 folder = _safepath.open_root(folder)
             self.folder = folder
-            for name, nch in [(self.wav_name, channels)] + [(n, 1) for n in self.channel_names]:
+            wavs = [(self.wav_name, channels)] if write_wav else []
+            for name, nch in wavs + [(n, 1) for n in self.channel_names]:
                 self.wavs.append(_WavFile(folder, name, nch))
         except (OSError, ValueError) as exc:    # ValueError: a NUL in the path
             self.abort()
@@ -332,9 +333,11 @@ class _Converter:
 class _Decode:
     """State of one streaming decode: converter, engine buffers, file outputs."""
 
-    def __init__(self, src, engine_rate, audio_path, stem, mp3_backup, max_seconds, source_stat=None):
+    def __init__(self, src, engine_rate, audio_path, stem, mp3_backup, max_seconds, source_stat=None,
+                 write_wav=True):
         self.src = src
         self.source_stat = source_stat
+        self.write_wav = write_wav
         self.engine_rate = engine_rate
         self.audio_path = audio_path
         self.stem = stem
@@ -378,7 +381,7 @@ class _Decode:
                 self.channels = channels
                 if self.audio_path is not None:
                     self.outputs = _Outputs(self.src, self.audio_path, self.stem, channels,
-                                            self.mp3_backup, self.source_stat)
+                                            self.mp3_backup, self.source_stat, self.write_wav)
             else:
                 self._emit(self.graph.convert(None))
             self.graph = _Converter(frame, 'stereo' if self.channels == 2 else 'mono', self.rates)
@@ -437,13 +440,14 @@ def _check_source(src):
 
 
 def prepare(src: str, engine_rate: int, audio_path=None, stem: str | None = None,
-            mp3_backup: bool = False, max_seconds: float = 4 * 3600, source_stat=None) -> Prepared:
+            mp3_backup: bool = False, max_seconds: float = 4 * 3600, source_stat=None,
+            write_wav: bool = True) -> Prepared:
     """Decodes `src` once into the engine's PCM at `engine_rate` and, when `audio_path`
     is given (a folder path, or a _safepath.Dir reached safely), writes `<stem>.wav`,
-    `<stem>_A.wav`/`_B.wav` for stereo and, with `mp3_backup`, `<stem>.mp3` there.
-    An output whose name is the file of `source_stat` is not written (Prepared.kept).
-    `stem` defaults to the source's name without its extension. Raises AudioError with
-    the task's final state on any failure.
+    `<stem>_A.wav`/`_B.wav` for stereo (unless `write_wav` is false) and, with `mp3_backup`,
+    `<stem>.mp3` there. An output whose name is the file of `source_stat` is not written
+    (Prepared.kept). `stem` defaults to the source's name without its extension. Raises
+    AudioError with the task's final state on any failure.
     """
     if not isinstance(engine_rate, int) or engine_rate <= 0:
         raise ValueError('engine_rate must be positive, not {!r}'.format(engine_rate))
@@ -452,7 +456,7 @@ def prepare(src: str, engine_rate: int, audio_path=None, stem: str | None = None
         if not stem or os.sep in stem or '\0' in stem or stem in ('.', '..'):
             raise ValueError('stem must be a plain file name, not {!r}'.format(stem))
     _check_source(src)
-    job = _Decode(src, engine_rate, audio_path, stem, mp3_backup, max_seconds, source_stat)
+    job = _Decode(src, engine_rate, audio_path, stem, mp3_backup, max_seconds, source_stat, write_wav)
     try:
         try:
             container = av.open(src, metadata_errors='replace', container_options=_OPEN_OPTIONS)

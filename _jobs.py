@@ -21,6 +21,8 @@ class Job:
     source_after: str = 'keep'  # 'delete' or 'keep' after success
     keep_source: bool = False   # the request (or the scanner, which moves it itself) keeps the source
     error_backup_path: str = ''
+    subtitles: tuple = ()       # subtitle formats written beside the WAV ('srt', 'vtt')
+    low_confidence: float = 0.0  # segments below it are flagged lowConfidence
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Outcome:
     audio_wav: str = None
     audio_mp3: str = None
     prepared: bool = False
+    segments: list = None       # [{'seq', 'channel', 'start', 'end', 'text', 'confidence', ...}]
+    confidence: float = None    # mean word confidence of the task
 
     @classmethod
     def failed(cls, state, result, message):

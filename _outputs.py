@@ -105,6 +105,9 @@ def render(fmt, path, body):
         doc = {'file': path}
         doc.update((k, body[k]) for k in keep if k in body)
         return json.dumps(doc, ensure_ascii=False) + '\n'
+    if body.get('segments'):
+        import _segments
+        return _segments.RENDER[fmt](body['segments'], stereo=len(body.get('channels') or ()) > 1)
     lines = ['WEBVTT', ''] if fmt == 'vtt' else []
     for n, (start, end, text) in enumerate(cues(body), 1):
         if fmt == 'srt':

@@ -274,6 +274,8 @@ def check_transcribe(req):
     _check_text(req, 'audioPath', allow_empty=False)
     _check_text(req, 'domainName')
     _check_text(req, 'domainCode')
+    if 'segments' in req and not isinstance(req['segments'], bool):
+        raise RequestError('field segments must be true or false')
     return req
 
 

@@ -76,6 +76,8 @@ class TaskRecord:
     socket: int = None
     seq: int = None
     engine_result: str = None       # what the engine said when the client had left (result 8)
+    segments: list = None           # the engine's utterances, _segments.build's form
+    confidence: float = None        # mean word confidence
 
     def mark_secs(self, mark):
         """Seconds since admission of the last `mark`, or None."""
@@ -99,7 +101,7 @@ class TaskRecord:
         optional = (('message', self.message), ('channels', self.channels or None),
                     ('audioWAV', self.audio_wav), ('audioMP3', self.audio_mp3), ('seq', self.seq),
                     ('engineResult', self.engine_result), ('sourceChannels', self.source_channels),
-                    ('audioPath', self.audio_path))
+                    ('audioPath', self.audio_path), ('confidence', self.confidence), ('segments', self.segments))
         line.update((key, value) for key, value in optional if value is not None)
         return line
 
@@ -121,7 +123,8 @@ class TaskRecord:
             channels=line.get('channels') or [], source_channels=line.get('sourceChannels'),
             duration=line.get('duration'), audio_wav=line.get('audioWAV'), audio_mp3=line.get('audioMP3'),
             worker=line.get('worker'), socket=line.get('socket'), seq=line.get('seq'),
-            engine_result=line.get('engineResult'))
+            engine_result=line.get('engineResult'), segments=line.get('segments'),
+            confidence=line.get('confidence'))
 
     def to_dict(self):
         """A JSON-ready dict with numbers kept as numbers (the database spool's form)."""

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 import _packet
+import _segments
 from _jobs import Outcome
 from _packet import RequestError, Type
 from _records import stamp
@@ -138,11 +139,11 @@ class EngineBroker:
         task = self.tasks.get(sid)
         task.engine = None
         task.mark(Mark.STT_RECV)
-        self.tasks.end(task, self.outcome(conn, sid, msg, task.prepared))
+        self.tasks.end(task, self.outcome(conn, sid, msg, task.prepared, task.job.low_confidence))
         self.dispatch()
 
     @staticmethod
-    def outcome(conn, sid, msg, prepared):
+    def outcome(conn, sid, msg, prepared, low_confidence=0.0):
         """The task's Outcome from a 4001 and the worker's prepared files."""
         result = str(msg.get('result', Result.ERROR.value))
         if result not in Result._value2member_map_:
@@ -150,12 +151,20 @@ class EngineBroker:
             result = Result.ERROR.value
         transcript = msg.get('transcript', msg.get('transcipt', ''))
         ok = result == Result.OK.value
+        segments = None
+        if ok and msg.get('segments') is not None:
+            try:
+                segments = _segments.from_engine(msg['segments'], low_confidence)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning('master: engine %s sent unusable segments for speechID=%s (%s); ignored',
+                            conn.name, sid, exc)
         return Outcome(
             state=State.DONE if ok else State.ERROR, result=Result(result),
             message=None if ok else (msg.get('message') or 'the engine answered with result %s' % result),
             transcript=transcript if isinstance(transcript, str) else '',
             duration=prepared.duration, source_channels=prepared.source_channels,
-            audio_wav=prepared.audio_wav, audio_mp3=prepared.audio_mp3)
+            audio_wav=prepared.audio_wav, audio_mp3=prepared.audio_mp3,
+            segments=segments, confidence=_segments.mean_confidence(segments))
 
     # ------------------------------------------------------------ losses and ends
 

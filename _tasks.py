@@ -67,7 +67,15 @@ def answer_body(task, outcome, state, result):
         body['channels'] = outcome.channels
     body.update(duration=outcome.duration, audioWAV=outcome.audio_wav, audioMP3=outcome.audio_mp3)
     body['transcipt'] = outcome.transcript
+    if wants_segments(task.request):
+        # Only on request ("segments": true): a 1.0 client's answer stays byte for byte the same.
+        body['segments'] = outcome.segments or []
+        body['confidence'] = outcome.confidence
     return body
+
+
+def wants_segments(request):
+    return request.get('segments') is True
 
 
 def build_record(task, outcome, state, result, ended=None):
@@ -79,7 +87,8 @@ def build_record(task, outcome, state, result, ended=None):
         transcript=outcome.transcript or '', message=outcome.message, channels=list(outcome.channels or ()),
         source_channels=outcome.source_channels, duration=outcome.duration, audio_wav=outcome.audio_wav,
         audio_mp3=outcome.audio_mp3, worker=task.worker, socket=task.socket_fd, seq=task.seq,
-        engine_result=outcome.result.value if result == Result.DISCONNECTED else None)
+        engine_result=outcome.result.value if result == Result.DISCONNECTED else None,
+        segments=outcome.segments, confidence=outcome.confidence)
 
 
 class TaskTable:
@@ -195,7 +204,8 @@ class TaskTable:
                    audio_path=os.path.normpath(audio_path), stem=req['speechID'],
                    mp3_backup=bool(t['mp3_backup']), keep_wav=bool(t['keep_wav']),
                    source_after=t['source_after'], keep_source=keep_source or bool(req.get('keepSource')),
-                   error_backup_path=t['error_backup_path'])
+                   error_backup_path=t['error_backup_path'], subtitles=tuple(t['subtitles']),
+                   low_confidence=float(t['low_confidence']))
 
     # ------------------------------------------------------------ the queue and the moves
 

@@ -101,8 +101,8 @@ def build_payload(record):
     Top level follows the protocol: `result` is the result code string ("0"), as in
     2002 and in the records. The 1.0 design's row fields are there too, under their
     1.0 names: the task-level ones (sttKey, key, filename, seq, regDate, regTime,
-    callTime) at the top, and one row per channel in `segments`, where `result` is
-    that channel's text as 1.0 named it.
+    callTime) at the top, and one row per utterance in `segments` (webhook_segments),
+    where `result` is its text as 1.0 named it.
     """
     req = record.request or {}
     sid = record.speech_id
@@ -137,13 +137,26 @@ def build_payload(record):
         'processInterval': record.to_line()['processInterval'],
     })
     payload.update(row)
-    # The worker gives no per-channel times: a channel's segment spans the whole call.
-    payload['segments'] = [dict(row, channel=ch.get('channel'), start=0.0 if duration is not None else None,
-                                end=duration, result=ch.get('transcript', '')) for ch in channels]
+    payload['confidence'] = record.confidence
+    payload['segments'] = webhook_segments(record, row, channels, duration)
     # Unknown request fields are forwarded (PROTOCOL.md); svcmgr's own keys win a clash.
     for key, value in req.items():
         payload.setdefault(key, value)
     return payload
+
+
+def webhook_segments(record, row, channels, duration):
+    """1.0's `segments` rows: one per utterance with its real times, `result` its text as 1.0
+    named it (also as `text`), plus segmentSeq, confidence, lowConfidence and words. A task
+    without segments (a legacy engine that sends none) keeps 1.0's one row per channel
+    spanning the whole call."""
+    if record.segments is not None:
+        return [dict(row, segmentSeq=seg['seq'], channel=seg['channel'], start=seg['start'], end=seg['end'],
+                     result=seg['text'], text=seg['text'], confidence=seg.get('confidence'),
+                     lowConfidence=seg.get('lowConfidence', False), words=seg.get('words') or [])
+                for seg in record.segments]
+    return [dict(row, channel=ch.get('channel'), start=0.0 if duration is not None else None,
+                 end=duration, result=ch.get('transcript', '')) for ch in channels]
 
 
 def _reg_date_time(start_time):

@@ -12,12 +12,14 @@ import _audio
 import _children
 import _config
 import _safepath
+import _segments
 from _jobs import Outcome
 from _states import Result, State, WorkerMsg
 
 log = logging.getLogger('worker')
 
-# Words of one channel further apart than this start a new line in a stereo transcript.
+# Words of one channel further apart than this start a new line in a stereo transcript
+# (the transcript's lines are as they always were; segments follow the engine's utterances).
 UTTERANCE_GAP_SECS = 0.8
 WORKER_NICE = 5
 
@@ -213,10 +215,16 @@ class PacketAgent:
         self.source = source = open_source(job.candidates, job.roots)
         self.real = source.path
         self.src_alias = '/proc/self/fd/%d' % source.fd
-        self.outputs = open_outputs(job)
+        # No work nobody asked for: an embedded engine reads the PCM itself, so the 8 kHz WAV
+        # is written only when it is kept; the audioPath folder is not even opened when no
+        # file is wanted there.
+        write_wav = job.keep_wav or not self.engine.embedded
+        if write_wav or job.mp3_backup or job.subtitles:
+            self.outputs = open_outputs(job)
         prepared = _audio.prepare(self.src_alias, self.engine.sample_rate,
-                                  audio_path=self.outputs, stem=job.stem,
-                                  mp3_backup=job.mp3_backup, source_stat=source.st)
+                                  audio_path=self.outputs if write_wav or job.mp3_backup else None,
+                                  stem=job.stem, mp3_backup=job.mp3_backup, source_stat=source.st,
+                                  write_wav=write_wav)
         if prepared.kept:
             log.warning('%s: %s is the source itself: kept as it is, not overwritten nor removed',
                         tag, ', '.join(prepared.kept))
@@ -225,29 +233,62 @@ class PacketAgent:
         self.beat()
         done = Outcome(State.DONE, Result.OK, duration=round(prepared.duration, 3),
                        source_channels=prepared.source_channels,
-                       audio_wav=prepared.audio_wav, audio_mp3=prepared.audio_mp3)
+                       # The answer names the WAV as 1.0 did, also when keep_wav = false left none.
+                       audio_wav=prepared.audio_wav or job.stem + '.wav', audio_mp3=prepared.audio_mp3)
         if not self.engine.embedded:
             # A remote engine reads the prepared files; the master sends it the 3001.
             self.remove_source(job, prepared, tag)
             done.state, done.prepared = State.RECOGNIZE, True
             return done
         self.send(WorkerMsg.STATE, sid, State.RECOGNIZE.value)
-        labels = 'AB'
+        recognitions = self.recognize(prepared)
+        self.answer(done, recognitions, job)
+        self.write_subtitles(job, done, tag)
+        self.cleanup_after_success(job, prepared, tag)
+        return done
+
+    def recognize(self, prepared):
+        """[(channel label, Recognition)] of the prepared PCM, channel by channel."""
         recognitions = []
-        for i, pcm in enumerate(prepared.engine_pcm):
-            recognitions.append((labels[i], self.engine.recognize(pcm)))
+        for label, pcm in zip('AB', prepared.engine_pcm):
+            recognitions.append((label, self.engine.recognize(pcm)))
             self.beat()
         del prepared.engine_pcm[:]
+        return recognitions
+
+    @staticmethod
+    def answer(done, recognitions, job):
+        """Fill the Outcome from the engine's recognitions: transcript, channels, segments."""
         if len(recognitions) == 1:
             done.transcript = recognitions[0][1].text
         else:
             done.transcript = merge_channels(recognitions)
         done.channels = [{'channel': label, 'transcript': rec.text} for label, rec in recognitions]
-        self.cleanup_after_success(job, prepared, tag)
-        return done
+        done.segments = _segments.build(recognitions, job.low_confidence)
+        done.confidence = _segments.mean_confidence(done.segments)
+
+    def write_subtitles(self, job, done, tag):
+        """<stem>.srt / <stem>.vtt beside the WAV when [task] subtitles asks for them, in the
+        audioPath folder reached without following links."""
+        for fmt in job.subtitles:
+            name = '%s.%s' % (job.stem, fmt)
+            if self.source is not None and self.outputs.is_same(name, self.source.st):
+                log.warning('%s: %s is the source itself: not overwritten', tag, name)
+                continue
+            tmp = None
+            try:
+                fd, tmp = self.outputs.create_temp(name)
+                with open(fd, 'w', encoding='utf-8') as f:
+                    f.write(_segments.RENDER[fmt](done.segments))
+                self.outputs.replace(tmp, name)
+            except OSError as exc:
+                # The transcript is the task's result; a subtitle that cannot be written is logged.
+                log.error('%s: cannot write %s in %s: %s', tag, name, _safepath.text(job.audio_path), exc)
+                if tmp is not None:
+                    _unlink(self.outputs, tmp, tag)
 
     def cleanup_after_success(self, job, prepared, tag):
-        if not job.keep_wav:
+        if not job.keep_wav and prepared.audio_wav:
             for name in [prepared.audio_wav] + list(prepared.channel_files):
                 if name not in prepared.kept:
                     _unlink(self.outputs, name, tag)
@@ -292,7 +333,7 @@ def _unlink(folder, name, tag, expect=None):
 
 def output_names(job):
     """Every file a job may write in its audioPath."""
-    return [job.stem + suffix for suffix in ('.wav', '_A.wav', '_B.wav', '.mp3')]
+    return [job.stem + suffix for suffix in ('.wav', '_A.wav', '_B.wav', '.mp3', '.srt', '.vtt')]
 
 
 def remove_job_temps(job, pid):

@@ -68,3 +68,21 @@ CREATE TABLE IF NOT EXISTS node_status (
     updated_at          DATETIME(6)      NOT NULL,
     PRIMARY KEY (node)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- One row per segment (an utterance of one channel) of a finished task, written in the same
+-- transaction as the task's final row and replayed from the spool with it; a replay rewrites
+-- the same rows (key: task_id, seq). Words as JSON: [{"word", "start", "end", "confidence"}].
+CREATE TABLE IF NOT EXISTS task_segment (
+    task_id             BIGINT UNSIGNED  NOT NULL COMMENT 'task.id',
+    seq                 INT UNSIGNED     NOT NULL COMMENT 'order by start time across channels, from 1',
+    speech_id           VARCHAR(64)      CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    channel             CHAR(1)          NOT NULL COMMENT 'A (left or mono) or B (right)',
+    start_secs          DOUBLE           NOT NULL COMMENT 'seconds from the start of the source file',
+    end_secs            DOUBLE           NOT NULL,
+    text                TEXT             NOT NULL,
+    confidence          DOUBLE           NULL COMMENT '0..1, NULL when the engine gives none',
+    low_confidence      TINYINT(1)       NOT NULL DEFAULT 0 COMMENT 'below [task] low_confidence',
+    words               JSON             NULL,
+    PRIMARY KEY (task_id, seq),
+    KEY ix_task_segment_speech_id (speech_id)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

