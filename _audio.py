@@ -10,18 +10,17 @@ import stat
 import sys
 import wave
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import av
 import av.error
 import av.filter
 
+import _mp3
 import _safepath
 from _states import Result, State
 
 FILE_RATE = 8000            # the 1.0 engine's WAV format: 8 kHz 16-bit
-MP3_BIT_RATE = 64000
-MP3_CODEC = 'libmp3lame'    # this av build names its LAME encoder both `libmp3lame` and `mp3`
+MP3_ENCODER = 'lameenc'     # _mp3.py: lameenc, or 'pyav' (2.0's, about 3x the CPU)
 MAX_RATE = 768000           # above any real recording; keeps absurd headers out of the resampler
 
 # Two channels count as one signal ("dual mono") when no sample pair ever differs by
@@ -122,8 +121,7 @@ class _Outputs:
         self.channel_names = [stem + '_A.wav', stem + '_B.wav'] if channels == 2 and write_wav else []
         self.mp3_name = stem + '.mp3' if mp3_backup else None
         self.wavs = []          # [_WavFile]: the source's channels, then A and B
-        self.mp3 = None         # (temp path, container, stream)
-        self.mp3_samples = 0
+        self.mp3 = None         # (temp name, _mp3 writer)
         self.mp3_fd = None
         name = self.wav_name
         try:
@@ -141,22 +139,16 @@ class _Outputs:
         if self.mp3_name:
             try:
                 fd, tmp = folder.create_temp(self.mp3_name)
-                # FFmpeg opens the file when it writes the header: ours stays open until then.
                 self.mp3_fd = fd
             except OSError as exc:
                 self.abort()
                 self.close()
                 raise self._mp3_error(exc) from exc
             try:
-                # Through our descriptor: FFmpeg's own open of a path would follow links.
-                out = av.open('/proc/self/fd/%d' % fd, 'w', format='mp3')
-                self.mp3 = (tmp, out, None)
-                stream = out.add_stream(MP3_CODEC, rate=FILE_RATE,
-                                        layout='stereo' if channels == 2 else 'mono')
-                stream.bit_rate = MP3_BIT_RATE
-                self.mp3 = (tmp, out, stream)
-            except _DECODE_ERRORS as exc:
-                self.mp3 = self.mp3 or (tmp, None, None)
+                # Through our descriptor: an open of the path would follow a swapped link.
+                self.mp3 = (tmp, _mp3.open_writer('/proc/self/fd/%d' % fd, channels, FILE_RATE, MP3_ENCODER))
+            except (_mp3.Mp3Error, OSError, ValueError) as exc:
+                self.mp3 = (tmp, None)
                 self.abort()
                 self.close()
                 raise self._mp3_error(exc) from exc
@@ -181,20 +173,10 @@ class _Outputs:
             except OSError as exc:
                 raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
-            # Our own timestamps: a source whose pts jump or restart would otherwise
-            # make the muxer refuse non-monotonic packets.
-            frame.pts = self.mp3_samples
-            frame.time_base = Fraction(1, FILE_RATE)
-            self.mp3_samples += frame.samples
-            self._encode(frame)
-
-    def _encode(self, frame):
-        _tmp, out, stream = self.mp3
-        try:
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        except _DECODE_ERRORS as exc:
-            raise self._mp3_error(exc) from exc
+            try:
+                self.mp3[1].write(pcm)
+            except (_mp3.Mp3Error, OSError) as exc:
+                raise self._mp3_error(exc) from exc
 
     def commit(self):
         """Finishes every file, then gives each its final name."""
@@ -204,10 +186,9 @@ class _Outputs:
             except OSError as exc:
                 raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
-            self._encode(None)
             try:
                 self.mp3[1].close()
-            except _DECODE_ERRORS as exc:
+            except (_mp3.Mp3Error, OSError) as exc:
                 raise self._mp3_error(exc) from exc
         # Renamed only once all are complete, so a failed MP3 publishes no WAV either.
         # No fsync: the engine reads these files at once, and after a crash the
@@ -252,11 +233,11 @@ class _Outputs:
             _remove(self.folder, wav.tmp)
         self.wavs = []
         if self.mp3:
-            tmp, out, _stream = self.mp3
+            tmp, writer = self.mp3
             try:
-                if out is not None:
-                    out.close()
-            except _DECODE_ERRORS:
+                if writer is not None:
+                    writer.abort()
+            except (_mp3.Mp3Error, OSError):
                 pass        # likewise
             _remove(self.folder, tmp)
             self.mp3 = None

@@ -13,6 +13,8 @@ import _children
 import _config
 import _safepath
 import _segments
+import _speed
+import _vad
 from _jobs import Outcome
 from _states import Result, State, WorkerMsg
 
@@ -158,6 +160,9 @@ class PacketAgent:
         if not _children.become_child(self, self.cfg, 'svcmgr: worker %d' % self.id, self.name, self.master_pid,
                                       self.close_fds, nice=WORKER_NICE):
             return
+        _speed.apply_engine_options(self.engine, self.cfg)
+        self.recycler = _speed.Recycler(self.cfg)
+        self.vad = _vad.VadSettings.from_config(self.cfg)
         self.engine.open()
         log.info('%s: ready (pid %d)', self.name, os.getpid())
         hb = float(self.cfg['setting']['heartbeat_secs'])
@@ -207,6 +212,11 @@ class PacketAgent:
                 if held is not None:
                     held.close()
             self.source = self.outputs = None
+        leaving = self.recycler.after_task()
+        if leaving:
+            # Before DONE, so the master gives this worker no further task.
+            log.info('%s: %s', self.name, leaving)
+            self.send(WorkerMsg.LEAVING, sid, leaving)
         self.send(WorkerMsg.DONE, sid, outcome)
 
     def process(self, job, tag):
@@ -241,18 +251,17 @@ class PacketAgent:
             done.state, done.prepared = State.RECOGNIZE, True
             return done
         self.send(WorkerMsg.STATE, sid, State.RECOGNIZE.value)
-        recognitions = self.recognize(prepared)
+        recognitions = self.recognize(prepared, tag)
         self.answer(done, recognitions, job)
         self.write_subtitles(job, done, tag)
         self.cleanup_after_success(job, prepared, tag)
         return done
 
-    def recognize(self, prepared):
-        """[(channel label, Recognition)] of the prepared PCM, channel by channel."""
-        recognitions = []
-        for label, pcm in zip('AB', prepared.engine_pcm):
-            recognitions.append((label, self.engine.recognize(pcm)))
-            self.beat()
+    def recognize(self, prepared, tag):
+        """[(channel label, Recognition)] of the prepared PCM, channel by channel; the VAD
+        gate (_vad.py, [engine] vad) sends only speech to the engine."""
+        recs = _vad.recognize(self.engine, prepared.engine_pcm, self.vad, beat=self.beat, tag=tag)
+        recognitions = [('AB'[i], rec) for i, rec in enumerate(recs)]
         del prepared.engine_pcm[:]
         return recognitions
 
