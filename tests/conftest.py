@@ -138,8 +138,10 @@ class Daemon:
         self.port = free_port()
         self.opts = dict(workers=2, max_tasks=100, timeout=60, graceful=10, mp3='false',
                          source_after='keep', max_connections=1024, roots='batch, data', port=self.port,
-                         engine='pocketsphinx', model='', engine_slots=1, engine_concurrency=1)
+                         engine='pocketsphinx', model='', engine_slots=1, engine_concurrency=1,
+                         http='false', http_port=free_port(), http_extra='')
         self.opts.update(opts)
+        self.http_port = self.opts['http_port']
         self.ini = os.path.join(self.base, 'app.ini')
         self.batch = os.path.join(self.base, 'batch')
         self.data = os.path.join(self.base, 'data')
@@ -148,7 +150,15 @@ class Daemon:
 
     def write_ini(self, extra=''):
         with open(self.ini, 'w') as f:
-            f.write(INI_TEMPLATE.format(**self.opts) + extra)
+            f.write(INI_TEMPLATE.format(**self.opts) + self.http_section() + extra)
+
+    def http_section(self):
+        # Off unless a test turns it on (the web process is one more child to count); a source
+        # tree from before the web process (bench/core.py --baseline) knows no [http].
+        if not os.path.exists(os.path.join(self.root, '_web_end.py')):
+            return ''
+        return ('[http]\nenabled = {http}\nip = 127.0.0.1\nport = {http_port}\nupload_path = data/uploads\n'
+                '{http_extra}\n').format(**self.opts)
 
     def cli(self, *args, timeout=120, check=False):
         proc = subprocess.run([sys.executable, os.path.join(self.root, 'svcmgr.py'), '-c', self.ini] + list(args),
