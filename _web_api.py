@@ -55,15 +55,16 @@ def failure(line):
     """The HTTP error of a task that ended without a transcript."""
     result, state = str(line['data'].get('result')), line.get('state')
     message = line.get('message') or 'the task failed with result %s (%s)' % (result, state)
+    sid = {'X-Speech-ID': str(line['data'].get('speechID'))}
     if result == Result.ERROR.value and state in DECODE_STATES:
-        return HTTPError(400, message, code=result)
+        return HTTPError(400, message, code=result, headers=sid)
     if result == Result.NOT_FOUND.value:
-        return HTTPError(404, message, code=result)
+        return HTTPError(404, message, code=result, headers=sid)
     if result == Result.TIMEOUT.value:
-        return HTTPError(504, message, 'server_error', result)
+        return HTTPError(504, message, 'server_error', result, sid)
     if result == Result.UNAVAILABLE.value:
-        return HTTPError(503, message, 'server_error', result, {'Retry-After': RETRY_AFTER})
-    return HTTPError(500, message, 'server_error', result)
+        return HTTPError(503, message, 'server_error', result, dict(sid, **{'Retry-After': RETRY_AFTER}))
+    return HTTPError(500, message, 'server_error', result, sid)
 
 
 # ---------------------------------------------------------------- uploads and tasks
