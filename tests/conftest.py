@@ -329,3 +329,39 @@ def dbname(mariadb):
     yield name
     with server_connection() as conn, conn.cursor() as cur:
         cur.execute('DROP DATABASE IF EXISTS `%s`' % name)
+
+
+# ---------------------------------------------------------------- Debian packages some tests drive
+
+_APT_UPDATED = []
+
+
+def debian_program(program, package):
+    """The path of `program`, installing Debian's `package` first when it is missing
+    (`apt-get update` once per test session). The test set-up installs what it needs, so a
+    fresh machine runs these tests too."""
+    path = shutil.which(program)
+    if path:
+        return path
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    if not _APT_UPDATED:
+        subprocess.run(['apt-get', 'update'], check=True, env=env, capture_output=True, timeout=600)
+        _APT_UPDATED.append(True)
+    proc = subprocess.run(['apt-get', 'install', '-y', '--no-install-recommends', package], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail('cannot install Debian package %s: %s' % (package, proc.stderr[-2000:]), pytrace=False)
+    path = shutil.which(program)
+    if not path:
+        pytest.fail('Debian package %s installed no %s' % (package, program), pytrace=False)
+    return path
+
+
+@pytest.fixture(scope='session')
+def chromium_path():
+    return debian_program('chromium', 'chromium')
+
+
+@pytest.fixture(scope='session')
+def prometheus_path():
+    return debian_program('prometheus', 'prometheus')
