@@ -83,9 +83,7 @@ class MasterLink:
                 self.uploads.add(upload)
         reply = self.request(LinkMsg.SUBMIT, req)
         if reply[0] == LinkMsg.ADMITTED.value:
-            with self.lock:
-                waiter = self.ended.get(reply[2])
-            return 'admitted', reply[2], waiter
+            return 'admitted', reply[2], reply[3]
         with self.lock:
             self.uploads.discard(upload)
         return 'rejected', reply[2], reply[3]
@@ -119,8 +117,10 @@ class MasterLink:
         if kind in (LinkMsg.ADMITTED, LinkMsg.REJECTED, LinkMsg.SNAPSHOT):
             with self.lock:
                 if kind == LinkMsg.ADMITTED:
-                    # Before the waiting thread wakes: the task's end may be the very next message.
-                    self.ended[msg[2]] = [threading.Event(), None]
+                    # Before the waiting thread wakes: the task's end may be the very next message,
+                    # so the waiter travels with the reply.
+                    waiter = self.ended[msg[2]] = [threading.Event(), None]
+                    msg = msg + [waiter]
                 slot = self.replies.get(msg[1])
             if slot is not None:
                 slot[1] = msg

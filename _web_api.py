@@ -227,6 +227,8 @@ def list_tasks(h, match, query):
         limit = int(query.get('limit') or 100)
     except ValueError:
         raise HTTPError(400, 'since is epoch seconds and limit an integer') from None
+    if not 0 <= since < 1e11:
+        raise HTTPError(400, 'since must be epoch seconds (0 to 1e11)')
     if not 1 <= limit <= 1000:
         raise HTTPError(400, 'limit must be 1 to 1000')
     if state is not None and state not in State.__members__:
@@ -362,6 +364,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_PATCH(self):
         self.dispatch('PATCH')
 
+    def __getattr__(self, name):
+        # Any other method (HEAD, OPTIONS, TRACE, QUERY, ...) gets 405 or 404, never 501.
+        if name.startswith('do_'):
+            return lambda: self.dispatch(name[3:])
+        raise AttributeError(name)
+
     def dispatch(self, method):
         self.body_done = not (self.headers.get('Content-Length', '0').strip() not in ('', '0')
                               or self.headers.get('Transfer-Encoding'))
@@ -456,7 +464,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header('Connection', 'close')
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != 'HEAD':
+            self.wfile.write(body)
 
     def drain(self):
         """After a 413: read what the client still sends (and drop it), so it sees the answer

@@ -106,10 +106,12 @@ def test_schemathesis_finds_no_5xx_and_no_schema_breaks(make_daemon, tmp_path):
     report.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert 'No issues found' in proc.stdout or 'passed' in proc.stdout
-    # Whatever schemathesis made tasks of ended with one record each.
+    # Whatever schemathesis made tasks of ended with one record each (it reuses speechIDs
+    # such as "0" once the earlier task has ended, which is allowed).
     accepted = metric(d, 'svcmgr_tasks_accepted_total') or 0
     recs = d.wait_records(int(accepted)) if accepted else []
-    assert len({r['data']['speechID'] for r in recs}) == len(recs) == accepted
+    assert len(recs) == accepted > 0
+    assert metric(d, 'svcmgr_tasks_total') == accepted
 
 
 # ---------------------------------------------------------------- dashboard in Chromium
