@@ -163,8 +163,8 @@ max_uploads = integer(min=1, max=10000, default=16)
 tokens = string_list(default=list())
 # Name of an environment variable holding more tokens (comma-separated); used when present.
 token_env = string(default='')
-# Folder of uploads while their task runs; inside allowed_roots (an empty allowed_roots gets it
-# added), outside audio_source_path.
+# Folder of uploads while their task runs (tasks may read it even when it is not inside
+# allowed_roots); outside audio_source_path.
 upload_path = path(default='uploads')
 # Keep an upload after its task instead of removing it.
 keep_uploads = boolean(default=False)
@@ -448,7 +448,7 @@ def load(path: str) -> configobj.ConfigObj:
                                    ' above it (the scanner would take what it writes there again)'])
     if not directory['allowed_roots']:
         roots = (directory['audio_source_path'], directory['audio_target_path'],
-                 cfg['task']['error_backup_path']) + ((cfg['http']['upload_path'],) if cfg['http']['enabled'] else ())
+                 cfg['task']['error_backup_path'])
         directory['allowed_roots'] = list(dict.fromkeys(os.path.realpath(root) for root in roots))
     _check_http(name, cfg)
     db = cfg['db']
@@ -477,12 +477,21 @@ def _check_http(name: str, cfg: configobj.ConfigObj) -> None:
         raise ConfigError([f'{name} [http] tokens: the web process listens on {http["ip"]}, which is not'
                            ' loopback; set at least one token (or token_env)'])
     upload = os.path.realpath(http['upload_path'])
-    if not inside(upload, cfg['directory']['allowed_roots']):
-        raise ConfigError([f'{name} [http] upload_path: {upload} is not inside [directory] allowed_roots'])
     source = os.path.realpath(cfg['directory']['audio_source_path'])
     if cfg['directory']['scan_enabled'] and (upload == source or upload.startswith(source + os.sep)):
         raise ConfigError([f'{name} [http] upload_path: must not lie in audio_source_path'
                            ' (the scanner would take uploads)'])
+
+
+def task_roots(cfg: configobj.ConfigObj) -> list:
+    """The folders a task's paths may resolve into: [directory] allowed_roots, plus [http]
+    upload_path when the web process is on (it names every file there itself)."""
+    roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]
+    if cfg['http']['enabled']:
+        upload = os.path.realpath(cfg['http']['upload_path'])
+        if not inside(upload, roots):
+            roots.append(upload)
+    return roots
 
 
 def inside(path: str, roots) -> bool:

@@ -226,7 +226,7 @@ class Web:
         self.max_upload = int(float(h['max_upload_mb']) * (1 << 20))
         self.upload_dir = os.path.realpath(h['upload_path'])
         self.uploads = threading.BoundedSemaphore(int(h['max_uploads']))
-        self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]
+        self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]   # not upload_path
         self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
         self.outbox_dir = os.path.join(self.records_dir, 'webhook')
         self.timeout = float(cfg['setting']['session_timeout_secs'])
