@@ -245,3 +245,42 @@ def test_web_killed_mid_upload_is_respawned(make_daemon):
     assert rec[0]['state'] == 'DONE' and len(d.records()) == 1
     assert 'web (pid %d) died with signal 9' % web_before.pid in d.log_text()
     assert web_after.pid != web_before.pid
+
+
+def write_app_ini(tmp_path, http):
+    ini = tmp_path / 'app.ini'
+    ini.write_text('[directory]\nscan_enabled = false\n[http]\n' + http)
+    return str(ini)
+
+
+def test_http_settings_are_checked_at_load(tmp_path, monkeypatch):
+    import _config
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(write_app_ini(tmp_path, 'ip = 0.0.0.0\n'))
+    assert 'not loopback' in str(err.value) and '[http] tokens' in str(err.value)
+    monkeypatch.setenv('SVCMGR_TEST_TOKENS', 'a, b')
+    cfg = _config.load(write_app_ini(tmp_path, 'ip = 0.0.0.0\ntoken_env = SVCMGR_TEST_TOKENS\n'))
+    assert cfg['http']['tokens'] == ['a', 'b']
+    cfg = _config.load(write_app_ini(tmp_path, 'enabled = false\nip = 0.0.0.0\n'))
+    assert cfg['http']['enabled'] is False
+    # Uploads are readable by tasks without widening allowed_roots.
+    cfg = _config.load(write_app_ini(tmp_path, 'upload_path = up\n'))
+    assert str(tmp_path / 'up') in _config.task_roots(cfg)
+    assert str(tmp_path / 'up') not in cfg['directory']['allowed_roots']
+    ini = tmp_path / 'app.ini'
+    ini.write_text('[directory]\nscan_enabled = true\naudio_source_path = batch\n[http]\nupload_path = batch/up\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'audio_source_path' in str(err.value)
+
+
+def test_non_loopback_without_token_refuses_to_start(make_daemon):
+    d = make_daemon(http='true')
+    d.write_ini()
+    with open(d.ini) as f:
+        text = f.read().replace('[http]\nenabled = true\nip = 127.0.0.1', '[http]\nenabled = true\nip = 0.0.0.0')
+    with open(d.ini, 'w') as f:
+        f.write(text)
+    proc = d.cli('start')
+    assert proc.returncode != 0 and 'not loopback' in proc.stdout + proc.stderr
+    assert d.processes() == []
