@@ -284,3 +284,19 @@ def test_non_loopback_without_token_refuses_to_start(make_daemon):
     proc = d.cli('start')
     assert proc.returncode != 0 and 'not loopback' in proc.stdout + proc.stderr
     assert d.processes() == []
+
+
+def test_readyz_says_what_is_wrong(make_daemon):
+    d = make_daemon(http='true', engine='remote').start()
+    url = 'http://127.0.0.1:%d' % d.http_port
+    wait_web(d, url)
+    r = requests.get(url + '/readyz')
+    assert r.status_code == 503 and r.json()['ready'] is False
+    assert any('no remote engine is logged in' in p for p in r.json()['problems'])
+    assert requests.get(url + '/healthz').json()['master']['answered'] is True
+    # An upload with no engine to take it: 503 with Retry-After (result 3), nothing kept.
+    with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+        r = requests.post(url + '/v1/audio/transcriptions', files={'file': f}, data={'model': 'm'})
+    assert r.status_code == 503 and r.headers['Retry-After'] and r.json()['error']['code'] == '3'
+    assert os.listdir(os.path.join(d.data, 'uploads')) == []
+    assert d.records() == []

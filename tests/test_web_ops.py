@@ -170,6 +170,12 @@ def test_dashboard_in_chromium(make_daemon, chromium_path, tmp_path):
             done = page.locator('#tasks tr[data-done="true"]', has_text='dropped_call.wav')
             assert done.locator('.state').inner_text() == 'DONE'
             assert 'hello customer how can i help you' in done.locator('.text').inner_text()
+            # Search by text and by speechID.
+            page.fill('#search', 'no such words anywhere')
+            page.wait_for_function("() => !document.querySelector('#tasks tr[data-done=\"true\"]')", timeout=10000)
+            page.fill('#search', 'customer how can')
+            done.wait_for(timeout=10000)
+            page.fill('#search', '')
             # The failed webhook delivery of that task, and its Redeliver button.
             button = page.locator('button.redeliver')
             button.first.wait_for(timeout=60000)
