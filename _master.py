@@ -62,7 +62,7 @@ class Master:
                                    lambda: self.engine_available() and not self.stopping)
         self.metrics = _status.Metrics()
         self.web = WebLink(self.loop, cfg, self.pid, self._extra_fds, admit_http(self.tasks),
-                           lambda: _status.snapshot(self, self.metrics))
+                           lambda tasks=True: _status.snapshot(self, self.metrics, tasks))
         self.handlers = {Type.TRANSCRIBE: self.on_transcribe, Type.MONITOR: self.on_monitor,
                          Type.LOGIN: self.broker.on_login, Type.RECOGNIZE_RESP: self.broker.on_recognized}
 

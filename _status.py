@@ -114,11 +114,12 @@ def task_rows(tasks, pool):
     return rows
 
 
-def snapshot(master, metrics):
-    """Everything the web process shows, from the master's own state (its loop calls this)."""
+def snapshot(master, metrics, tasks=True):
+    """Everything the web process shows, from the master's own state (its loop calls this);
+    without `tasks`, the list of tasks in progress is left out (/metrics needs only counts)."""
     snap = master.monitor.snapshot
-    pool, tasks = master.pool, master.tasks
-    pending = len(tasks.pending)
+    pool, table = master.pool, master.tasks
+    pending = len(table.pending)
     workers = pool.describe()
     engine = {'name': master.engine.name, 'embedded': master.engine.embedded,
               'available': bool(master.engine_available())}
@@ -128,9 +129,9 @@ def snapshot(master, metrics):
         'time': time.time(), 'version': master.cfg['setting']['version'], 'pid': master.pid,
         'stopping': master.stopping, 'engine': engine, 'remoteEngines': master.broker.describe(),
         'workers': workers, 'workerProcesses': pool.size, 'workerRestarts': pool.restarts,
-        'queue': {'pending': pending, 'running': len(tasks) - pending, 'maxTasks': tasks.max_tasks,
+        'queue': {'pending': pending, 'running': len(table) - pending, 'maxTasks': table.max_tasks,
                   'records': master.reporter.depth()},
-        'tasks': task_rows(tasks, pool), 'counters': dict(master.counters), 'metrics': metrics.export(),
+        'tasks': task_rows(table, pool) if tasks else None, 'counters': dict(master.counters), 'metrics': metrics.export(),
         'outbox': master.webhook.status() if master.webhook else {'enabled': False},
         'db': master.db.stats() if master.db else {'enabled': False},
         'scanner': master.scanner.describe(),

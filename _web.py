@@ -72,8 +72,8 @@ class MasterLink:
             raise MasterGone('the master is not reachable')
         return slot[1]
 
-    def snapshot(self, timeout=5.0):
-        return self.request(LinkMsg.QUERY, timeout=timeout)[2]
+    def snapshot(self, timeout=5.0, tasks=True):
+        return self.request(LinkMsg.QUERY, tasks, timeout=timeout)[2]
 
     def submit(self, req, upload=None):
         """('admitted', speechID, waiter) or ('rejected', result, message); `upload`: the file this

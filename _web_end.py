@@ -47,7 +47,7 @@ class WebLink(ChildLink):
         if kind == LinkMsg.SUBMIT and len(msg) > 2:
             self.on_submit(msg[1], msg[2])
         elif kind == LinkMsg.QUERY and len(msg) > 1:
-            self.send(LinkMsg.SNAPSHOT, msg[1], self.snapshot())
+            self.send(LinkMsg.SNAPSHOT, msg[1], self.snapshot(len(msg) < 3 or bool(msg[2])))
         else:
             super().on_message(kind, msg)
 

@@ -22,14 +22,17 @@ def start_web(make_daemon, **opts):
     extra = opts.pop('http_extra', '')
     d = make_daemon(http='true', http_extra='tokens = %s\n%s' % (TOKEN, extra), **opts).start()
     d.url = 'http://127.0.0.1:%d' % d.http_port
+    wait_up(d.url)
+    return d
 
+
+def wait_up(url):
     def up():
         try:
-            return requests.get(d.url + '/healthz', timeout=2).status_code == 200
+            return requests.get(url + '/healthz', timeout=2).status_code == 200
         except requests.RequestException:
             return False
     wait_for(up, 30, 'the web process')
-    return d
 
 
 def transcribe(d, name):
@@ -152,7 +155,7 @@ def test_dashboard_in_chromium(make_daemon, chromium_path, tmp_path):
         f.write(ini)
     d.start()
     url = 'http://127.0.0.1:%d' % d.http_port
-    wait_for(lambda: requests.get(url + '/healthz').status_code == 200, 30, 'web')
+    wait_up(url)
     os.makedirs(d.batch, exist_ok=True)
     long_wav(os.path.join(str(tmp_path), 'call.wav'), 25)
     shutil.move(os.path.join(str(tmp_path), 'call.wav'), os.path.join(d.batch, 'dropped_call.wav'))
