@@ -112,3 +112,22 @@ def document():
             'paths': paths,
             'components': {'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer'}}},
             'security': [{'bearer': []}]}
+
+
+def html():
+    """/docs: the document as one plain page (no script, nothing fetched from elsewhere)."""
+    import html as _html
+    doc = document()
+    rows = []
+    for path, ops in doc['paths'].items():
+        for method, op in ops.items():
+            codes = ', '.join(sorted(op['responses']))
+            body = ', '.join(sorted((op.get('requestBody') or {}).get('content', {})))
+            rows.append('<tr><td><b>%s</b></td><td><code>%s</code></td><td>%s</td><td>%s</td><td>%s</td></tr>' % (
+                method.upper(), _html.escape(path), _html.escape(op.get('summary', '')), _html.escape(body), codes))
+    return ('<!DOCTYPE html><html><head><meta charset="utf-8"><title>%s</title><style>body{font:14px sans-serif;'
+            'margin:20px}td,th{padding:4px 8px;border-bottom:1px solid #ddd;text-align:left}</style></head><body>'
+            '<h1>%s</h1><p>%s The machine-readable document: <a href="/openapi.json">/openapi.json</a>.</p>'
+            '<table><tr><th>Method</th><th>Path</th><th>What</th><th>Body</th><th>Statuses</th></tr>%s</table>'
+            '</body></html>' % (doc['info']['title'], doc['info']['title'], _html.escape(doc['info']['description']),
+                                ''.join(rows))).encode('utf-8')

@@ -329,8 +329,12 @@ def openapi(h, match, query):
     h.send_body(200, 'application/json', _OPENAPI[0])
 
 
+def docs(h, match, query):
+    h.send_body(200, 'text/html; charset=utf-8', _openapi.html())
+
+
 ROUTES = [
-    ('GET', r'/healthz', healthz), ('GET', r'/readyz', readyz), ('GET', r'/metrics', metrics),
+    ('GET', r'/healthz', healthz), ('GET', r'/docs', docs), ('GET', r'/readyz', readyz), ('GET', r'/metrics', metrics),
     ('GET', r'/', dashboard), ('GET', r'/openapi\.json', openapi),
     ('POST', r'/v1/audio/transcriptions', transcriptions),
     ('POST', r'/v1/tasks', create_task), ('GET', r'/v1/tasks', list_tasks),

@@ -100,6 +100,15 @@ def test_stereo_verbose_json_has_per_channel_segments(web):
     web.sids += [s for s in records_sids(web) if s not in web.sids]
 
 
+def test_upload_is_sniffed_not_trusted_by_its_name(web):
+    # MP3 bytes under a .wav name, and under no extension at all: PyAV decides by the content.
+    for name in ('call.wav', 'noextension'):
+        with open(os.path.join(FIXTURES, 'fmt_mp3.mp3'), 'rb') as f:
+            r = client(web).audio.transcriptions.with_raw_response.create(model='m', file=(name, f.read()))
+        web.sids.append(r.headers['x-speech-id'])
+        assert r.parse().text == expected_texts()['fmt_mp3.mp3']
+
+
 def records_sids(d):
     return [r['data']['speechID'] for r in d.records() if r.get('source') == 'http']
 
@@ -129,6 +138,9 @@ def test_task_api(web):
     assert requests.get(web.url + '/v1/tasks/api-upload-1', headers=AUTH).json()['transcript'] == \
         'we will send you an email'
     assert requests.get(web.url + '/v1/tasks/nope-404', headers=AUTH).status_code == 404
+    docs = requests.get(web.url + '/docs', headers=AUTH)
+    assert docs.status_code == 200 and '/v1/audio/transcriptions' in docs.text
+    assert requests.get(web.url + '/openapi.json', headers=AUTH).json()['openapi'].startswith('3.')
     wait_for(lambda: not os.listdir(upload_dir(web)), 10, 'uploads removed after their tasks')
 
 
