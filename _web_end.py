@@ -68,7 +68,7 @@ class WebLink(ChildLink):
     # ------------------------------------------------------------ reporter sink (reporter thread)
 
     def handle(self, event, record):
-        if event != FINAL:
+        if event != FINAL or not self.enabled:
             return
         self.notices.append(record.to_line())
         try:

@@ -312,3 +312,26 @@ def test_readyz_says_what_is_wrong(make_daemon):
     assert r.status_code == 503 and r.headers['Retry-After'] and r.json()['error']['code'] == '3'
     assert os.listdir(os.path.join(d.data, 'uploads')) == []
     assert d.records() == []
+
+
+def test_sighup_moves_the_web_process_to_its_new_settings(make_daemon):
+    from conftest import free_port
+    d = make_daemon(http='true').start()
+    old_url = 'http://127.0.0.1:%d' % d.http_port
+    wait_web(d, old_url)
+    before = web_process(d)
+    d.opts['http_port'] = free_port()
+    d.write_ini()
+    os.kill(d.pid, signal.SIGHUP)
+    new_url = 'http://127.0.0.1:%d' % d.opts['http_port']
+    wait_web(d, new_url)
+    after = web_process(d)
+    assert after.pid != before.pid and not before.is_running()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(old_url + '/healthz', timeout=2)
+    with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+        r = requests.post(new_url + '/v1/audio/transcriptions', files={'file': f}, data={'model': 'm'})
+    assert r.json()['text'] == expected_texts()['en_hello.wav']
+    log = d.log_text()
+    assert 'web (pid %d) ended with exit status 0' % before.pid in log
+    assert 'web (pid %d) died' % before.pid not in log
