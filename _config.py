@@ -195,6 +195,25 @@ max_attempts = integer(min=0, max=1000000, default=0)
 # How often the senders look for entries they do not know (redelivered, left by a stop).
 rescan_secs = float(min=0.1, max=3600, default=5)
 
+[http]
+# The web process: HTTP API (OpenAI-compatible transcription, tasks), dashboard, /metrics.
+enabled = boolean(default=True)
+ip = ip_address(default='127.0.0.1')
+port = integer(min=1, max=65535, default=9098)
+# Largest upload; a bigger one is answered 413 before it is written whole.
+max_upload_mb = float(min=0.001, max=1048576, default=512)
+# Uploads streamed at once; more get 503 with Retry-After.
+max_uploads = integer(min=1, max=10000, default=16)
+# Bearer tokens; with any set, everything but /healthz needs one. Required off loopback.
+tokens = string_list(default=list())
+# Name of an environment variable holding more tokens (comma-separated); used when present.
+token_env = string(default='')
+# Folder of uploads while their task runs (tasks may read it even when it is not inside
+# allowed_roots); outside audio_source_path.
+upload_path = path(default='uploads')
+# Keep an upload after its task instead of removing it.
+keep_uploads = boolean(default=False)
+
 [db]
 # Write a row per task and the status row; off = records files only.
 enabled = boolean(default=False)
@@ -488,6 +507,7 @@ def load(path: str) -> configobj.ConfigObj:
         roots = (directory['audio_source_path'], directory['audio_target_path'],
                  cfg['task']['error_backup_path'])
         directory['allowed_roots'] = list(dict.fromkeys(os.path.realpath(root) for root in roots))
+    _check_http(name, cfg)
     db = cfg['db']
     if db['password_env'] and db['password_env'] in os.environ:
         db['password'] = os.environ[db['password_env']]
@@ -500,6 +520,35 @@ def load(path: str) -> configobj.ConfigObj:
         except (binascii.Error, ValueError):
             raise ConfigError([f'{name} [webhook] secret: a whsec_ secret must be base64 after the prefix']) from None
     return cfg
+
+
+def _check_http(name: str, cfg: configobj.ConfigObj) -> None:
+    """[http]: tokens from token_env; off loopback only with a token; uploads inside the roots."""
+    http = cfg['http']
+    if http['token_env'] and os.environ.get(http['token_env']):
+        http['tokens'] = list(http['tokens']) + [t.strip() for t in os.environ[http['token_env']].split(',')
+                                                 if t.strip()]
+    if not http['enabled']:
+        return
+    if not ipaddress.ip_address(http['ip']).is_loopback and not http['tokens']:
+        raise ConfigError([f'{name} [http] tokens: the web process listens on {http["ip"]}, which is not'
+                           ' loopback; set at least one token (or token_env)'])
+    upload = os.path.realpath(http['upload_path'])
+    source = os.path.realpath(cfg['directory']['audio_source_path'])
+    if cfg['directory']['scan_enabled'] and (upload == source or upload.startswith(source + os.sep)):
+        raise ConfigError([f'{name} [http] upload_path: must not lie in audio_source_path'
+                           ' (the scanner would take uploads)'])
+
+
+def task_roots(cfg: configobj.ConfigObj) -> list:
+    """The folders a task's paths may resolve into: [directory] allowed_roots, plus [http]
+    upload_path when the web process is on (it names every file there itself)."""
+    roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]
+    if cfg['http']['enabled']:
+        upload = os.path.realpath(cfg['http']['upload_path'])
+        if not inside(upload, roots):
+            roots.append(upload)
+    return roots
 
 
 def inside(path: str, roots) -> bool:

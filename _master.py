@@ -15,6 +15,7 @@ import _engine
 import _packet
 import _records
 import _reload
+import _status
 import _webhook
 import _worker
 from _conns import Conn, ConnServer, make_listener
@@ -27,6 +28,7 @@ from _remote import EngineBroker
 from _scanner_link import ScannerLink
 from _states import Result, Source, State
 from _tasks import Refused, TaskTable
+from _web_end import WebLink, admit_http
 
 log = logging.getLogger('master')
 
@@ -65,6 +67,9 @@ class Master:
         self.scanner = ScannerLink(self.loop, cfg, self.pid, self._extra_fds, self._admit_scanned,
                                    lambda: self.engine_available() and not self.stopping
                                    and not self.tasks.cannot_record())
+        self.metrics = _status.Metrics()
+        self.web = WebLink(self.loop, cfg, self.pid, self._extra_fds, admit_http(self.tasks),
+                           lambda tasks=True: _status.snapshot(self, self.metrics, tasks))
         self.handlers = {Type.TRANSCRIBE: self.on_transcribe, Type.MONITOR: self.on_monitor,
                          Type.LOGIN: self.broker.on_login, Type.RECOGNIZE_RESP: self.broker.on_recognized}
 
@@ -80,7 +85,9 @@ class Master:
         # Children before threads: forking a process that runs threads is unsafe.
         self.pool.start()
         self.scanner.start()
+        self.web.start()
         self.reporter = _records.Reporter(self.make_sinks())
+        self.reporter.sinks += [self.metrics, self.web]
         # Last sink: the scanner hears that a task ended only once every trace of it is made.
         self.reporter.sinks.append(self.scanner)
         self.reporter.start()
@@ -117,7 +124,7 @@ class Master:
 
     def _extra_fds(self):
         """Descriptors of the master outside the loop that a forked child must close."""
-        fds = [self.wake_w.fileno(), self.scanner.notify_w.fileno()]
+        fds = [self.wake_w.fileno(), self.scanner.notify_w.fileno(), self.web.notify_w.fileno()]
         if self.conns.spare_fd is not None:
             fds.append(self.conns.spare_fd)
         return fds
@@ -274,6 +281,7 @@ class Master:
         self.conns.tick(now)
         self.pool.tick(now)
         self.scanner.tick(now)
+        self.web.tick(now)
 
     def handle_signals(self):
         while self.signals:
@@ -286,6 +294,7 @@ class Master:
                 _config.reopen_logs()
                 self.pool.signal_all(signal.SIGUSR1)
                 self.scanner.signal(signal.SIGUSR1)
+                self.web.signal(signal.SIGUSR1)
                 log.info('master: log files reopened')
 
     def reload(self):
@@ -365,6 +374,7 @@ class Master:
         # Workers restart gracefully: the old ones finish their task, new ones take new jobs.
         self.pool.reload(cfg, self.engine)
         self.scanner.reload(cfg)
+        self.web.reload(cfg)
         log.info('master: reload done: %d worker(s)', self.pool.size)
 
     # ------------------------------------------------------------ stop
@@ -386,6 +396,7 @@ class Master:
                  why, float(self.cfg['setting']['graceful_timeout_secs']), len(self.tasks))
         self.conns.close_listener()
         self.scanner.stop()
+        self.web.stop()
         for sid in list(self.tasks.pending):
             task = self.tasks.get(sid)
             if task is not None:
@@ -406,7 +417,8 @@ class Master:
         if now >= self.stop_deadline + 5:
             self.pool.kill_stragglers()
             self.scanner.kill()
-        if not len(self.tasks) and self.pool.gone and self.scanner.gone:
+            self.web.kill()
+        if not len(self.tasks) and self.pool.gone and self.scanner.gone and self.web.gone:
             self.running = False
 
     # ------------------------------------------------------------ loop

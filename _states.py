@@ -107,4 +107,5 @@ class LinkMsg(str, Enum):
     ENDED = 'ended'         # master -> child: a task ended and its record is written
     ENGINE = 'engine'       # master -> child: whether an engine is available
     SNAPSHOT = 'snapshot'   # master -> child: the state Monitor shows, for the web
+    QUERY = 'query'         # web -> master: send a SNAPSHOT (answered with the same request number)
     STOP = 'stop'           # master -> child: finish and leave

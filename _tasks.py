@@ -121,7 +121,7 @@ class TaskTable:
         self.cfg = cfg
         self.max_tasks = int(cfg['setting']['max_tasks'])
         self.timeout = float(cfg['setting']['session_timeout_secs'])
-        self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]
+        self.roots = _config.task_roots(cfg)
         self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
 
     def __len__(self):

@@ -138,8 +138,10 @@ class Daemon:
         self.port = free_port()
         self.opts = dict(workers=2, max_tasks=100, timeout=60, graceful=10, mp3='false',
                          source_after='keep', max_connections=1024, roots='batch, data', port=self.port,
-                         engine='pocketsphinx', model='', engine_slots=1, engine_concurrency=1)
+                         engine='pocketsphinx', model='', engine_slots=1, engine_concurrency=1,
+                         http='false', http_port=free_port(), http_extra='')
         self.opts.update(opts)
+        self.http_port = self.opts['http_port']
         self.ini = os.path.join(self.base, 'app.ini')
         self.batch = os.path.join(self.base, 'batch')
         self.data = os.path.join(self.base, 'data')
@@ -148,7 +150,15 @@ class Daemon:
 
     def write_ini(self, extra=''):
         with open(self.ini, 'w') as f:
-            f.write(INI_TEMPLATE.format(**self.opts) + extra)
+            f.write(INI_TEMPLATE.format(**self.opts) + self.http_section() + extra)
+
+    def http_section(self):
+        # Off unless a test turns it on (the web process is one more child to count); a source
+        # tree from before the web process (bench/core.py --baseline) knows no [http].
+        if not os.path.exists(os.path.join(self.root, '_web_end.py')):
+            return ''
+        return ('[http]\nenabled = {http}\nip = 127.0.0.1\nport = {http_port}\nupload_path = data/uploads\n'
+                '{http_extra}\n').format(**self.opts)
 
     def cli(self, *args, timeout=120, check=False):
         proc = subprocess.run([sys.executable, os.path.join(self.root, 'svcmgr.py'), '-c', self.ini] + list(args),
@@ -322,3 +332,39 @@ def dbname(mariadb):
     yield name
     with server_connection() as conn, conn.cursor() as cur:
         cur.execute('DROP DATABASE IF EXISTS `%s`' % name)
+
+
+# ---------------------------------------------------------------- Debian packages some tests drive
+
+_APT_UPDATED = []
+
+
+def debian_program(program, package):
+    """The path of `program`, installing Debian's `package` first when it is missing
+    (`apt-get update` once per test session). The test set-up installs what it needs, so a
+    fresh machine runs these tests too."""
+    path = shutil.which(program)
+    if path:
+        return path
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    if not _APT_UPDATED:
+        subprocess.run(['apt-get', 'update'], check=True, env=env, capture_output=True, timeout=600)
+        _APT_UPDATED.append(True)
+    proc = subprocess.run(['apt-get', 'install', '-y', '--no-install-recommends', package], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        pytest.fail('cannot install Debian package %s: %s' % (package, proc.stderr[-2000:]), pytrace=False)
+    path = shutil.which(program)
+    if not path:
+        pytest.fail('Debian package %s installed no %s' % (package, program), pytrace=False)
+    return path
+
+
+@pytest.fixture(scope='session')
+def chromium_path():
+    return debian_program('chromium', 'chromium')
+
+
+@pytest.fixture(scope='session')
+def prometheus_path():
+    return debian_program('prometheus', 'prometheus')
