@@ -53,7 +53,7 @@ class Master:
         self.stop_deadline = None
         self.running = True
         self.reporter = self.webhook = self.db = self.monitor = None
-        self.probe = None                   # a new engine on trial during a reload
+        self.trial = _reload.Trial(lambda: self.engine.name, self.apply_config)   # a new engine on trial
         self.wake_r = self.wake_w = None
         self.tasks = TaskTable(cfg, lambda event, payload: self.reporter.submit(event, payload),
                                lambda: self.stopping, self.engine_available, self._answer, self._released,
@@ -277,7 +277,7 @@ class Master:
             self.tasks.end(task, Outcome.failed(
                 State.TIMEOUT, Result.TIMEOUT,
                 'the task did not finish within session_timeout_secs (%g s)' % self.tasks.timeout))
-        self.check_probe(now)
+        self.trial.check(now)
         self.conns.tick(now)
         self.pool.tick(now)
         self.scanner.tick(now)
@@ -312,35 +312,10 @@ class Master:
             log.error('master: reload refused, keeping the running configuration: %s', line)
         if problems:
             return
-        self.cancel_probe('a newer reload came')
+        self.trial.cancel('a newer reload came')
         if dict(cfg['engine']) != dict(self.cfg['engine']) and cfg['engine']['type'] != 'remote':
-            self.probe = _reload.Probe(cfg, path)
-            log.info('master: reload of %s waits for the new engine (%s %s) to pass a probe in pid %d',
-                     path, cfg['engine']['type'], cfg['engine']['model'] or '(default model)', self.probe.pid)
+            self.trial.start(cfg, path)
             return
-        self.apply_config(cfg)
-
-    def cancel_probe(self, why):
-        if self.probe is not None:
-            log.warning('master: engine probe pid %d abandoned: %s', self.probe.pid, why)
-            self.probe.cancel()
-            self.probe = None
-
-    def check_probe(self, now):
-        result = self.probe.poll(now) if self.probe is not None else None
-        if result is None:
-            return
-        cfg, self.probe = self.probe.cfg, None
-        ok, message, fingerprint = result
-        if not ok:
-            log.error('master: reload refused: the new engine (%s %s) failed its probe: %s; keeping %s and the '
-                      'running configuration', cfg['engine']['type'], cfg['engine']['model'] or '(default model)',
-                      message, self.engine.name)
-            return
-        if fingerprint != _reload.model_fingerprint(cfg):
-            log.error('master: reload refused: the model folder changed after its probe; keeping %s', self.engine.name)
-            return
-        log.info('master: the new engine passed its probe (heard %r)', message[:80])
         self.apply_config(cfg)
 
     def apply_config(self, cfg):
@@ -389,7 +364,7 @@ class Master:
             return
         self.stopping = True
         self.pool.stopping = True
-        self.cancel_probe('stopping')
+        self.trial.cancel('stopping')
         _children.sd_notify('STOPPING=1')
         self.stop_deadline = time.monotonic() + float(self.cfg['setting']['graceful_timeout_secs'])
         log.info('master: %s received: stopping (graceful timeout %g s, %d task(s) in progress)',

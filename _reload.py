@@ -158,5 +158,43 @@ def probe_main(cfg_path):
     return 0
 
 
+class Trial:
+    """The one probe a reload may be waiting on: started for a new engine, checked from the
+    master's tick, and `apply(cfg)` called only when it passed on an unchanged model."""
+
+    def __init__(self, engine_name, apply):
+        self.engine_name, self.apply = engine_name, apply
+        self.probe = None
+
+    def start(self, cfg, path):
+        self.probe = Probe(cfg, path)
+        log.info('master: reload of %s waits for the new engine (%s %s) to pass a probe in pid %d',
+                 path, cfg['engine']['type'], cfg['engine']['model'] or '(default model)', self.probe.pid)
+
+    def cancel(self, why):
+        if self.probe is not None:
+            log.warning('master: engine probe pid %d abandoned: %s', self.probe.pid, why)
+            self.probe.cancel()
+            self.probe = None
+
+    def check(self, now):
+        result = self.probe.poll(now) if self.probe is not None else None
+        if result is None:
+            return
+        cfg, self.probe = self.probe.cfg, None
+        ok, message, fingerprint = result
+        if not ok:
+            log.error('master: reload refused: the new engine (%s %s) failed its probe: %s; keeping %s and the '
+                      'running configuration', cfg['engine']['type'], cfg['engine']['model'] or '(default model)',
+                      message, self.engine_name())
+            return
+        if fingerprint != model_fingerprint(cfg):
+            log.error('master: reload refused: the model folder changed after its probe; keeping %s',
+                      self.engine_name())
+            return
+        log.info('master: the new engine passed its probe (heard %r)', message[:80])
+        self.apply(cfg)
+
+
 if __name__ == '__main__':
     sys.exit(probe_main(sys.argv[1]))

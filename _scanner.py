@@ -577,10 +577,10 @@ class Scanner:
                     d.unlink(item.claimed)
                 where = 'deleted'
             elif ok:
-                where = self.move_aside(item, self.done_root)
+                where = move_aside(self.root, item, self.done_root)
             else:
                 reason = '%s\nspeechID=%s result=%s state=%s\n' % (message or 'failed', item.sid, result, state)
-                where = self.move_aside(item, self.error_root, reason[:REASON_MAX])
+                where = move_aside(self.root, item, self.error_root, reason[:REASON_MAX])
         except FileNotFoundError:
             where = 'already gone'
             log.warning('scanner: speechID=%s %s was no longer in %s', item.sid, item.name, utf8_name(item.folder))
@@ -599,28 +599,29 @@ class Scanner:
         except OSError:
             pass
 
-    def move_aside(self, item, root, reason=None):
-        """Move a claimed file below `root` (error_backup_path or scan_done_path, configured,
-        so trusted) into its subfolder there; every folder below `root` is walked, not followed."""
-        rel = os.path.relpath(os.path.dirname(item.folder), self.root)
-        os.makedirs(root, exist_ok=True)
-        folder = root if rel == '.' else os.path.join(root, rel)
-        with self.open(item.folder) as src, _safepath.open_dir(folder, [root], create=True) as dest:
-            st = src.stat(item.claimed)
-            if st is None:
-                raise FileNotFoundError(errno.ENOENT, 'not found', item.path)
-            name = item.name
-            if dest.stat(name) is not None:
-                name = '%s_%s' % (item.sid, item.name)
-            if reason is not None:
-                # The reason first: a crash before the move leaves the file claimed, to be moved at the next start.
-                fd, tmp = dest.create_temp(name + '.reason')
-                with os.fdopen(fd, 'w', encoding='utf-8', errors='replace') as f:
-                    f.write(reason)
-                dest.replace(tmp, name + '.reason')
-            src.move(item.claimed, dest, name, expect=st)
-        return utf8_name(os.path.join(folder, name))
 
+
+def move_aside(drop_root, item, root, reason=None):
+    """Move a claimed file below `root` (error_backup_path or scan_done_path, configured,
+    so trusted) into its subfolder there; every folder below `root` is walked, not followed."""
+    rel = os.path.relpath(os.path.dirname(item.folder), drop_root)
+    os.makedirs(root, exist_ok=True)
+    folder = root if rel == '.' else os.path.join(root, rel)
+    with _safepath.open_dir(item.folder, [drop_root]) as src, _safepath.open_dir(folder, [root], create=True) as dest:
+        st = src.stat(item.claimed)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, 'not found', item.path)
+        name = item.name
+        if dest.stat(name) is not None:
+            name = '%s_%s' % (item.sid, item.name)
+        if reason is not None:
+            # The reason first: a crash before the move leaves the file claimed, to be moved at the next start.
+            fd, tmp = dest.create_temp(name + '.reason')
+            with os.fdopen(fd, 'w', encoding='utf-8', errors='replace') as f:
+                f.write(reason)
+            dest.replace(tmp, name + '.reason')
+        src.move(item.claimed, dest, name, expect=st)
+    return utf8_name(os.path.join(folder, name))
 
 def main(sock, cfg, master_pid, close_fds=()):
     """Entry point of the scanner process (multiprocessing target)."""
