@@ -395,9 +395,9 @@ def test_swaps_at_random_moments_touch_nothing_outside(swap_rig, plan, swaps, se
             c.close()
     state['results'].update(a['result'] for a in answers)
     state['swaps'] += swapper.count
+    assert snapshot(state['outside']) == state['before']        # the property itself, first
     assert sorted(a['speechID'] for a in answers) == sorted(r['speechID'] for r in reqs)
     assert {a['result'] for a in answers} <= {'0', '7'}, [a for a in answers if a['result'] not in ('0', '7')]
-    assert snapshot(state['outside']) == state['before']
     assert 'Traceback' not in d.log_text()
 
 
