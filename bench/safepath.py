@@ -20,7 +20,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import _audio  # noqa: E402  (needs ROOT on the path first)
-import _safepath  # noqa: E402
+import _scanner  # noqa: E402
 import _worker  # noqa: E402
 from _jobs import Job  # noqa: E402
 
@@ -54,6 +54,40 @@ def safe_job(src_dir, out_dir, roots, i):
                 out.replace(tmp, job.stem + suffix)
     source.folder.unlink(source.name, expect=source.st)
     source.close()
+
+
+def plain_walk(root):
+    """The scanner's walk as it was: os.scandir by path."""
+    count, stack = 0, [root]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    entry.stat(follow_symlinks=False)
+                    count += 1
+    return count
+
+
+def walks(base, folders=100, per_folder=100):
+    """(plain, _scanner.Walker) seconds for one pass over folders x per_folder files, two levels deep
+    (the Walker also filters names, as the scanner does)."""
+    root = os.path.join(base, 'drop')
+    for f in range(folders):
+        sub = os.path.join(root, 'g%d' % (f % 10), 'f%d' % f)
+        os.makedirs(sub)
+        for i in range(per_folder):
+            with open(os.path.join(sub, 'c%d.wav' % i), 'wb') as out:
+                out.write(b'x')
+    walker = _scanner.Walker(root, extensions=['wav'])
+    best = [float('inf'), float('inf')]
+    for _ in range(3):
+        for k, fn in enumerate((lambda: plain_walk(root), walker.walk)):
+            started = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - started)
+    return best
 
 
 def run(kind, jobs, depth, base):
@@ -99,6 +133,7 @@ def main():
         for _ in range(args.jobs):
             _worker.remove_job_temps(job, 999999)
         sweep = (time.perf_counter() - started) / args.jobs
+        walk_plain, walk_safe = walks(base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     print('file-system calls of one job, %d jobs, %d folders below the root:' % (args.jobs, args.depth + 2))
@@ -108,6 +143,8 @@ def main():
     print('  one conversion (en_hello.wav, %.1f s of audio, WAV + MP3): %.1f ms' % (seconds, convert * 1e3))
     print('  added cost / conversion:  %+.3f %%' % (100 * (safe - plain) / convert))
     print('  master sweep of a reaped worker\'s temp names: %.1f us' % (sweep * 1e6))
+    print('scanner pass over 10,000 files in 100 folders: plain scandir %.1f ms, Walker (folder fds) %.1f ms (x%.2f)'
+          % (walk_plain * 1e3, walk_safe * 1e3, walk_safe / walk_plain))
 
 
 if __name__ == '__main__':
