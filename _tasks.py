@@ -178,7 +178,12 @@ class TaskTable:
         return task
 
     def inside_roots(self, path):
-        return _config.inside(os.path.realpath(path), self.roots)
+        try:
+            real = os.path.realpath(path)
+        except OSError:
+            # A link replaced while realpath() reads it: nothing can be said of this path.
+            return False
+        return _config.inside(real, self.roots)
 
     def make_job(self, req, keep_source=False, file_path=None):
         """The worker's job for a request; paths are checked against the roots here."""

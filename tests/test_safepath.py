@@ -101,3 +101,37 @@ def test_remove_temps_by_pid_and_age(tree):
 def test_temp_name_pattern():
     m = _safepath.TEMP_RE.match(_safepath.temp_name('20260101_000000_000001_A.wav', 42))
     assert m.group(1) == '20260101_000000_000001_A.wav' and m.group(2) == '42'
+
+
+def test_resolved_takes_links_inside_the_roots_only(tree):
+    root, outside = tree
+    os.symlink(os.path.join(root, 'a'), os.path.join(root, 'inlink'))
+    os.symlink(outside, os.path.join(root, 'outlink'))
+    with _safepath.open_dir_resolved(os.path.join(root, 'inlink', 'b'), [root]) as d:
+        assert d.path == os.path.join(root, 'a', 'b')
+    with pytest.raises(Outside):
+        _safepath.open_dir_resolved(os.path.join(root, 'outlink'), [root])
+    folder, name = _safepath.open_parent_resolved(os.path.join(root, 'inlink', 'b', 'f.wav'), [root])
+    with folder:
+        assert name == 'f.wav' and folder.stat(name) is not None
+
+
+def test_text_replaces_undecodable_bytes():
+    assert _safepath.text(os.fsdecode(b'/x/caf\xe9')) == '/x/caf\ufffd'
+    assert _safepath.text('/x/café') == '/x/café'
+
+
+def test_an_output_named_like_its_source_is_kept(tmp_path):
+    import shutil
+    from _audio import prepare
+    src = tmp_path / 'sid.wav'
+    shutil.copy(os.path.join(os.path.dirname(__file__), 'fixtures', 'en_hello.wav'), src)
+    before = src.read_bytes()
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        prepared = prepare('/proc/self/fd/%d' % fd, 16000, str(tmp_path), 'sid', source_stat=os.fstat(fd))
+    finally:
+        os.close(fd)
+    assert prepared.kept == ['sid.wav'] and prepared.audio_wav == 'sid.wav'
+    assert src.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ['sid.wav']      # no temp left either

@@ -7,13 +7,20 @@ Each test failed on the daemon before this change; run them against another tree
 SVCMGR_TEST_DAEMON_ROOT=/path/to/tree.
 """
 import array
+import collections
 import hashlib
 import os
+import random
 import shutil
+import threading
 import time
 import wave
 
-from conftest import FIXTURES, long_wav, transcribe_req, wait_for
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from conftest import FIXTURES, ROOT, Daemon, long_wav, transcribe_req, wait_for
 from helpers import assert_records_match, monitor
 
 
@@ -51,13 +58,14 @@ def swap_for_link(folder, target):
     return aside
 
 
-def stereo_wav(path):
-    """Two different speakers, one a channel (so not dual mono)."""
+def stereo_wav(path, seconds=None):
+    """Two different speakers, one a channel (so not dual mono); the first `seconds` of each."""
     chans = []
     for name in ('en_hello.wav', 'en_morning.wav'):
         with wave.open(os.path.join(FIXTURES, name)) as w:
             rate = w.getframerate()
-            chans.append(array.array('h', w.readframes(w.getnframes())))
+            frames = w.getnframes() if seconds is None else min(w.getnframes(), int(seconds * rate))
+            chans.append(array.array('h', w.readframes(frames)))
     n = max(len(c) for c in chans)
     for c in chans:
         c.extend([0] * (n - len(c)))
@@ -68,6 +76,17 @@ def stereo_wav(path):
         out.setsampwidth(2)
         out.setframerate(rate)
         out.writeframes(both.tobytes())
+    return path
+
+
+def short_wav(path, fixture, seconds):
+    """The first `seconds` of a mono fixture: quick to recognize."""
+    with wave.open(os.path.join(FIXTURES, fixture)) as w:
+        params = w.getparams()
+        data = w.readframes(int(seconds * w.getframerate()))
+    with wave.open(path, 'wb') as out:
+        out.setparams(params)
+        out.writeframes(data)
     return path
 
 
@@ -261,3 +280,133 @@ def test_temp_files_of_an_earlier_run_are_removed_at_start(make_daemon):
     d.start()
     wait_for(lambda: not any(os.path.exists(p) for p in left), 30, 'the temp files removed')
     assert os.path.exists(keep)
+
+
+# ---------------------------------------------------------------- property: swaps at random moments
+
+FUZZ_EXAMPLES, FUZZ_TASKS = 4, 50                               # 200 tasks in all
+FOLDERS = ['src0', 'src1', 'src2', 'out0', 'out1', 'out2']
+OUT_SUFFIXES = ('.wav', '_A.wav', '_B.wav', '.mp3')
+SHORT = ('en_hello.wav', 'en_morning.wav', 'en_cancel.wav', 'en_phone.wav')
+
+
+@pytest.fixture(scope='module')
+def swap_rig(tmp_path_factory):
+    """One daemon (2 workers, source_after = delete, MP3 backups) and one sealed outside
+    folder holding a file of every name any of the 200 tasks could write or delete."""
+    base = tmp_path_factory.mktemp('swapfuzz')
+    root = os.environ.get('SVCMGR_TEST_DAEMON_ROOT') or ROOT
+    # A generous task timeout: on a busy machine 50 tasks queued on 2 workers take minutes.
+    d = Daemon(base / 'd', root=root, workers=2, mp3='true', source_after='delete', timeout=900)
+    names = []
+    for i in range(FUZZ_EXAMPLES * FUZZ_TASKS):
+        sid = 'fz%03d' % i
+        names += [sid + s for s in OUT_SUFFIXES] + ['call_%s.wav' % sid]
+    outside, before = sealed(base, names)
+    # Sources of 0.6 s: the swaps are what is tested, so recognition is kept short.
+    sources = [short_wav(str(base / name), name, 0.6) for name in SHORT]
+    sources.append(stereo_wav(str(base / 'stereo.wav'), 0.6))
+    d.start()
+    d.state = {'next': 0, 'outside': outside, 'before': before, 'sources': sources,
+               'results': collections.Counter(), 'swaps': 0}
+    yield d
+    d.stop()
+
+
+class Swapper(threading.Thread):
+    """Swaps folders for links to the outside folder and back, on a schedule."""
+
+    def __init__(self, data, outside, schedule):
+        super().__init__(daemon=True)
+        self.data, self.outside, self.schedule = data, outside, schedule
+        self.swapped, self.count = set(), 0
+        self.stop = threading.Event()
+
+    def run(self):
+        # Each swap lasts `hold` seconds: tasks meet swapped folders now and then, not always.
+        # The schedule goes round until the tasks are all answered.
+        while not self.stop.is_set():
+            for delay, hold, index in self.schedule:
+                if self.stop.wait(delay):
+                    return
+                self.toggle(FOLDERS[index])
+                self.stop.wait(hold)
+                self.toggle(FOLDERS[index])
+
+    def toggle(self, name):
+        path = os.path.join(self.data, name)
+        if name in self.swapped:
+            os.unlink(path)
+            os.rename(path + '.aside', path)
+            self.swapped.discard(name)
+        else:
+            swap_for_link(path, self.outside)
+            self.swapped.add(name)
+            self.count += 1
+
+    def finish(self):
+        self.stop.set()
+        self.join(10)
+        for name in list(self.swapped):
+            self.toggle(name)
+
+
+task_plan = st.tuples(st.integers(0, 2),                        # source folder
+                      st.sampled_from([None, 0, 1, 2, 3, 4]),    # audioPath: default, outK, outK/new, srcK
+                      st.integers(0, 4))                         # fixture (4: stereo)
+swap_plan = st.lists(st.tuples(st.floats(0.0, 0.2), st.floats(0.0, 0.05), st.integers(0, len(FOLDERS) - 1)),
+                     min_size=20, max_size=60)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+          suppress_health_check=list(HealthCheck))
+@given(plan=st.lists(task_plan, min_size=FUZZ_TASKS, max_size=FUZZ_TASKS), swaps=swap_plan, seed=st.integers(0, 1 << 16))
+def test_swaps_at_random_moments_touch_nothing_outside(swap_rig, plan, swaps, seed):
+    d, state = swap_rig, swap_rig.state
+    rnd = random.Random(seed)
+    for name in FOLDERS:
+        os.makedirs(os.path.join(d.data, name), exist_ok=True)
+    reqs = []
+    for src, out, fixture in plan:
+        sid = 'fz%03d' % state['next']
+        state['next'] += 1
+        folder = os.path.join(d.data, 'src%d' % src)
+        name = 'call_%s.wav' % sid
+        shutil.copy(state['sources'][fixture], os.path.join(folder, name))
+        extra = {}
+        if out is not None:
+            k = rnd.randrange(3)
+            extra['audioPath'] = {0: os.path.join(d.data, 'out%d' % k), 1: os.path.join(d.data, 'out%d' % k),
+                                  2: os.path.join(d.data, 'out%d' % k, 'new'), 3: os.path.join(d.data, 'out%d' % k),
+                                  4: folder}[out]
+        reqs.append(transcribe_req(folder, name, sid=sid, **extra))
+    clients = [d.client(timeout=900) for _ in range(3)]
+    swapper = Swapper(d.data, state['outside'], swaps)
+    swapper.start()
+    try:
+        for i, req in enumerate(reqs):
+            clients[i % 3].send(1002, req)
+        answers = []
+        for i, c in enumerate(clients):
+            answers += [b for _, b in c.recv_n(len(reqs[i::3]), timeout=900)]
+    finally:
+        swapper.finish()
+        for c in clients:
+            c.close()
+    state['results'].update(a['result'] for a in answers)
+    state['swaps'] += swapper.count
+    assert snapshot(state['outside']) == state['before']        # the property itself, first
+    assert sorted(a['speechID'] for a in answers) == sorted(r['speechID'] for r in reqs)
+    assert {a['result'] for a in answers} <= {'0', '7'}, [a for a in answers if a['result'] not in ('0', '7')]
+    assert 'Traceback' not in d.log_text()
+
+
+def test_swap_rig_recorded_every_task(swap_rig):
+    """After the property test: every accepted task of its 200 ended in exactly one record."""
+    state = swap_rig.state
+    assert state['next'] == FUZZ_EXAMPLES * FUZZ_TASKS
+    print('swap fuzz: %d tasks, %d swaps, results %s' % (state['next'], state['swaps'], dict(state['results'])))
+    # The swaps did hit tasks (7) and did not stop the others (0).
+    assert state['results']['0'] > 0 and state['results']['7'] > 0, state['results']
+    assert_records_match(swap_rig)
+    assert snapshot(swap_rig.state['outside']) == swap_rig.state['before']
