@@ -41,7 +41,7 @@ class Shipped:
 
     def __init__(self, base, **changes):
         self.base = base
-        os.makedirs(base, exist_ok=True)
+        os.makedirs(os.path.join(base, 'tests', 'fixtures'), exist_ok=True)   # a shipped allowed root
         with open(os.path.join(ROOT, 'app.ini'), encoding='utf-8') as f:
             text = f.read()
         changes.setdefault('port', free_port())
