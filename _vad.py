@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from _engine import Recognition, Word
+from _engine import Recognition, Utterance, Word
 
 log = logging.getLogger('vad')
 
@@ -147,13 +147,19 @@ def gate(channels, rate, settings):
 
 
 def _remap(rec, gated, rate):
-    words = []
-    for w in rec.words:
+    """`rec` of the gated PCM put back on the source's timeline, utterance by utterance."""
+    def place(w):
         start = gated.to_source(int(round(w.start * rate)))
         # The end is the last sample of the word, so a word ending at a join stays in its region.
         end = gated.to_source(max(0, int(round(w.end * rate)) - 1)) + 1
-        words.append(Word(w.word, start / rate, max(start, end) / rate))
-    return Recognition(rec.text, words)
+        return Word(w.word, start / rate, max(start, end) / rate, w.confidence)
+    utterances = []
+    for u in rec.utterances:
+        words = [place(w) for w in u.words]
+        start = words[0].start if words else gated.to_source(int(round(u.start * rate))) / rate
+        end = words[-1].end if words else gated.to_source(int(round(u.end * rate))) / rate
+        utterances.append(Utterance(start, end, u.text, u.confidence, words))
+    return Recognition(rec.text, utterances)
 
 
 def recognize(engine, channels, settings, beat=None, tag=''):
