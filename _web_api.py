@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import os
+import sys
 import re
 import time
 import urllib.parse
@@ -24,7 +25,10 @@ from _web_upload import BodyError, TooLarge, Upload
 log = logging.getLogger('web')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DASHBOARD = os.path.join(HERE, 'web', 'dashboard.html')
+# Beside the module in a source tree; under <prefix>/share/svcmgr/web when installed with pip.
+DASHBOARD = next((p for p in (os.path.join(HERE, 'web', 'dashboard.html'),
+                              os.path.join(sys.prefix, 'share', 'svcmgr', 'web', 'dashboard.html'))
+                  if os.path.exists(p)), os.path.join(HERE, 'web', 'dashboard.html'))
 RETRY_AFTER = '2'
 DRAIN_BYTES, DRAIN_SECS = 64 << 20, 5.0
 GRANULARITIES = ('word', 'segment')
