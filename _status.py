@@ -134,6 +134,6 @@ def snapshot(master, metrics, tasks=True):
         'tasks': task_rows(table, pool) if tasks else None, 'counters': dict(master.counters), 'metrics': metrics.export(),
         'outbox': master.webhook.status() if master.webhook else {'enabled': False},
         'db': master.db.stats() if master.db else {'enabled': False},
-        'scanner': master.scanner.describe(),
+        'scanner': master.scanner.describe(), 'records': master.reporter.status(),
         'disk': snap['disk'], 'memory': snap['memory'], 'cpu': snap['cpu'],
     }

@@ -280,6 +280,10 @@ def readiness(snap):
         problems.append('database spool holds %d rows' % snap['db']['spooled'])
     if snap['outbox'].get('enabled') and snap['outbox'].get('pending', 0) > 1000:
         problems.append('webhook outbox holds %d deliveries' % snap['outbox']['pending'])
+    records = snap.get('records') or {}
+    if records and not records.get('ok', True):
+        problems.append('usage records cannot be written (%s); %d record(s) held'
+                        % (records.get('error'), records.get('unwritten', 0)))
     if snap['stopping']:
         problems.append('the service manager is stopping')
     return problems

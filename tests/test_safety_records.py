@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -200,8 +202,16 @@ def webhook_ini(url):
 
 # ------------------------------------------------------------------ 1. a record that was not written
 
+def readyz(d):
+    try:
+        with urllib.request.urlopen('http://127.0.0.1:%d/readyz' % d.http_port, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_full_records_disk_keeps_the_scanned_file_refuses_tasks_and_recovers(tmpfs, make_daemon, receiver):
-    d = scanning(make_daemon, source_after='delete')
+    d = scanning(make_daemon, source_after='delete', http='true')
     add_ini(d, webhook_ini(receiver.url))
     records = tmpfs(os.path.join(d.base, 'records'), '1m')
     d.start()
@@ -221,6 +231,8 @@ def test_full_records_disk_keeps_the_scanned_file_refuses_tasks_and_recovers(tmp
     status = monitor(d)['records']
     assert status['ok'] is False and status['unwritten'] == 1 and 'No space left' in status['error'], status
     assert 'records: cannot be written' in d.log_text()
+    code, body = readyz(d)
+    assert code == 503 and any('usage records cannot be written' in p for p in body['problems']), body
     assert receiver.ids() == [] and claimed(d) == names
     # Space returns: the record, the outbox entry, the scanned file's move and new tasks follow by themselves.
     os.unlink(filler)
@@ -228,6 +240,7 @@ def test_full_records_disk_keeps_the_scanned_file_refuses_tasks_and_recovers(tmp
     wait_for(lambda: not claimed(d), 30, 'the scanned file moved out after its record')
     wait_for(lambda: sid in receiver.ids(), 30, 'the webhook of the held record delivered')
     assert monitor(d)['records']['ok'] is True
+    wait_for(lambda: readyz(d)[0] == 200, 30, '/readyz ready again')
     answer = ask(d, transcribe_req(folder, name, sid='after-1'))
     assert answer['result'] == '0' and answer['transcript'] == TEXTS['en_morning.wav']
     wait_for(lambda: records_of(d, 'after-1'), 30, 'the next record')
