@@ -370,7 +370,8 @@ class Scanner:
                 self.finish(item, result, 'NONE', message)
         elif kind == LinkMsg.ENGINE:
             self.engine = bool(msg[1])
-            log.info('scanner: %s', 'an engine is available' if self.engine else 'no engine available: paused')
+            log.info('scanner: %s', 'the master takes tasks again' if self.engine else
+                     'the master takes no tasks now (no engine, or usage records cannot be written): paused')
         elif kind == LinkMsg.STOP:
             self.stopping = True
         else:
