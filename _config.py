@@ -27,6 +27,8 @@ from configobj.validate import (
     is_option,
 )
 
+import _engine
+
 log = logging.getLogger(__name__)
 
 # Every key, once: its check (type, range, default) and why it exists. Relative paths are
@@ -117,7 +119,7 @@ image_seq = integer(min=0, max=2147483647, default=0)
 
 [engine]
 # pocketsphinx and vosk run inside the workers; remote waits for engines that log in.
-type = option('pocketsphinx', 'vosk', 'remote', default='pocketsphinx')
+type = option(<engine types>, default=<first engine type>)
 # pocketsphinx: empty = the English model in its wheel; vosk: a model folder or 'ko'.
 model = string(default='')
 # vosk: the rate (Hz) of the audio given to the model; 0 = the model folder's. pocketsphinx: its own.
@@ -164,6 +166,9 @@ name = string(default='svcmgr')
 # This node's key in the node_status table and in task.node; empty = <hostname>:<[server] port>.
 node = string(default='')
 """
+# The engine types are the registry's keys (_engine.ENGINES), so adding a type is one line there.
+CONFIGSPEC = CONFIGSPEC.replace('<engine types>', ', '.join(repr(name) for name in _engine.ENGINES)) \
+    .replace('<first engine type>', repr(next(iter(_engine.ENGINES))))
 
 _LOG_FORMAT = '%(asctime)s %(levelname)s %(processName)s[%(process)d] %(name)s: %(message)s'
 

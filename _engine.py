@@ -2,6 +2,9 @@
 fork, so workers share the model's pages), open per worker, recognize PCM.
 
 The embedded default is pocketsphinx with the English model its wheel carries.
+Engine types live in one registry, ENGINES ([engine] type -> class); app.ini's list of
+types is read from it, so this module imports no engine package at the top (`svcmgr.py
+status` loads the configuration and must stay light).
 """
 import ctypes
 import gc
@@ -43,6 +46,11 @@ class Engine:
     embedded = True
     sample_rate = 16000
 
+    @classmethod
+    def from_cfg(cls, cfg):
+        """The engine [engine] of app.ini asks for, not yet loaded."""
+        return cls()
+
     def load(self):
         pass
 
@@ -68,6 +76,10 @@ class PocketSphinxEngine(Engine):
     def __init__(self, model=''):
         self.model = model
         self.decoder = None
+
+    @classmethod
+    def from_cfg(cls, cfg):
+        return cls(cfg['engine']['model'])
 
     def load(self):
         try:
@@ -146,6 +158,12 @@ class VoskEngine(Engine):
         self.model_path = None
         self.model = None
         self._vosk = None
+
+    @classmethod
+    def from_cfg(cls, cfg):
+        # A relative model folder is read against app.ini's folder, like every other path.
+        base = os.path.dirname(os.path.abspath(cfg.filename)) if getattr(cfg, 'filename', None) else None
+        return cls(cfg['engine']['model'], cfg['engine'].get('sample_rate', 0), base)
 
     def load(self):
         try:
@@ -264,15 +282,20 @@ def _vosk_model_rate(path):
     return 16000
 
 
+# [engine] type -> engine class: the one place to add a type. app.ini's `type = option(...)`
+# is built from these keys (the first is the default).
+ENGINES = {
+    'pocketsphinx': PocketSphinxEngine,
+    'vosk': VoskEngine,
+    'remote': RemoteEngine,
+}
+
+
 def make_engine(cfg):
     """The engine app.ini asks for (not yet loaded)."""
     kind = cfg['engine']['type']
-    if kind == 'pocketsphinx':
-        return PocketSphinxEngine(cfg['engine']['model'])
-    if kind == 'vosk':
-        # A relative model folder is read against app.ini's folder, like every other path.
-        base = os.path.dirname(os.path.abspath(cfg.filename)) if getattr(cfg, 'filename', None) else None
-        return VoskEngine(cfg['engine']['model'], cfg['engine'].get('sample_rate', 0), base)
-    if kind == 'remote':
-        return RemoteEngine()
-    raise EngineError('engine type %r is not available in this build' % kind)
+    try:
+        cls = ENGINES[kind]
+    except KeyError:
+        raise EngineError('engine type %r is not available in this build' % kind) from None
+    return cls.from_cfg(cfg)

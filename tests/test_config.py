@@ -113,6 +113,18 @@ def test_spec_declares_every_key_with_a_default():
             assert 'default=' in check, (section, key)
 
 
+def test_engine_types_come_from_the_engine_registry(tmp_path):
+    import _engine
+    spec = configobj.ConfigObj(_config.CONFIGSPEC.splitlines(), list_values=False, _inspec=True)
+    names = ', '.join(repr(name) for name in _engine.ENGINES)
+    assert spec['engine']['type'] == "option(%s, default='pocketsphinx')" % names
+    for name, cls in _engine.ENGINES.items():
+        cfg = _config.load(write_ini(tmp_path, '[engine]\ntype = %s\n' % name))
+        engine = _engine.make_engine(cfg)
+        assert type(engine) is cls
+        assert engine.embedded == (name != 'remote')
+
+
 def test_1_0_app_ini_loads(tmp_path):
     cfg = _config.load(str(write_ini(tmp_path, APP_INI_1_0)))
     assert cfg['setting']['version'] == '1.0'
