@@ -63,6 +63,9 @@ def open_source(candidates, roots):
             raise JobError(State.ERROR, Result.BAD_REQUEST,
                            'the audio file resolves outside the allowed roots: %s' % _safepath.text(path)) from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise JobError(State.ERROR, Result.BAD_REQUEST, 'the path of the audio file passes a symbolic '
+                               'link that is not followed: %s' % _safepath.text(path)) from exc
             raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID cannot be opened: %s (%s)'
                            % (_safepath.text(path), exc.strerror)) from exc
     raise JobError(State.NOFILE_ID, Result.NOT_FOUND, 'fileID not found: %s' % _safepath.text(candidates[0]))

@@ -135,3 +135,28 @@ def test_an_output_named_like_its_source_is_kept(tmp_path):
     assert prepared.kept == ['sid.wav'] and prepared.audio_wav == 'sid.wav'
     assert src.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ['sid.wav']      # no temp left either
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small tmpfs of its own (we run as root), unmounted at the end."""
+    import subprocess
+    mnt = tmp_path / 'tmpfs'
+    mnt.mkdir()
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', str(mnt)], check=True)
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(['umount', '-l', str(mnt)], check=True)
+
+
+def test_move_across_file_systems_copies_then_removes(tree, tmpfs):
+    root, _ = tree
+    with open_dir(os.path.join(root, 'a', 'b'), [root]) as src, _safepath.open_root(tmpfs) as dest:
+        st = src.stat('f.wav')
+        src.move('f.wav', dest, 'f.wav', expect=st)
+        assert src.stat('f.wav') is None
+        fd = dest.open('f.wav')
+        assert os.read(fd, 10) == b'data'
+        os.close(fd)
+    assert os.listdir(tmpfs) == ['f.wav']         # no temp left behind
