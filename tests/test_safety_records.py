@@ -224,9 +224,13 @@ def test_full_records_disk_keeps_the_scanned_file_refuses_tasks_and_recovers(tmp
     assert receiver.ids() == [] and claimed(d) == names
     # Space returns: the record, the outbox entry, the scanned file's move and new tasks follow by themselves.
     os.unlink(filler)
+    freed = time.monotonic()
     wait_for(lambda: records_of(d, sid), 30, 'the held record written')
+    written = time.monotonic() - freed
     wait_for(lambda: not claimed(d), 30, 'the scanned file moved out after its record')
     wait_for(lambda: sid in receiver.ids(), 30, 'the webhook of the held record delivered')
+    print('figure: held record on disk %.2f s, file moved out and webhook delivered %.2f s after space returned'
+          % (written, time.monotonic() - freed))
     assert monitor(d)['records']['ok'] is True
     answer = ask(d, transcribe_req(folder, name, sid='after-1'))
     assert answer['result'] == '0' and answer['transcript'] == TEXTS['en_morning.wav']
