@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import FIXTURES, expected_texts, transcribe_req, wait_for
+from helpers import db_section, rows
 
 TEXTS = expected_texts()
 
@@ -357,9 +358,10 @@ def test_a_deeply_nested_body_gets_7_and_the_connection_lives_on(daemon, depth):
 
 
 @pytest.mark.parametrize('number', ['NaN', 'Infinity', '-Infinity', '1e999', '-1e999'])
-def test_nan_and_infinity_in_a_request_are_refused_with_7(make_daemon, receiver, number):
+def test_nan_and_infinity_in_a_request_are_refused_with_7(make_daemon, receiver, dbname, number):
     d = make_daemon()
-    add_ini(d, webhook_ini(receiver.url))
+    add_ini(d, webhook_ini(receiver.url) + db_section(dbname))
+    d.cli('db', 'init', check=True)
     d.start()
     folder, name = d.fixture('en_hello.wav')
     c = d.client()
@@ -382,6 +384,13 @@ def test_nan_and_infinity_in_a_request_are_refused_with_7(make_daemon, receiver,
     assert bad == [] and [r['data']['speechID'] for r in good] == ['fine']
     assert good[0]['request']['score'] == 1.5
     assert receiver.refused == [] and receiver.ids() == ['fine']
+    # The database holds the one task, its JSON columns strict.
+    row = wait_for(lambda: rows(dbname).get('fine') if rows(dbname).get('fine', {}).get('state') == 'DONE' else None,
+                   30, 'the final row')
+    assert sorted(rows(dbname)) == ['fine']
+    for column in ('request', 'timings', 'channel_transcripts'):
+        strict_loads(row[column])
+    assert strict_loads(row['request'])['score'] == 1.5
 
 
 # ------------------------------------------------------------------ the reporter's order, without a daemon
