@@ -348,8 +348,9 @@ def test_a_deeply_nested_body_gets_7_and_the_connection_lives_on(daemon, depth):
     for ptype, raw in frames:
         assert ptype == 2002
         body = strict_loads(raw.decode('utf-8'))
-        answers[body.get('speechID', 'deep')] = body
-    deep_answer = answers.get('deep-%d' % depth) or answers.get('deep')
+        answers[body.get('speechID')] = body
+    # Its speechID is echoed, however deep: with several requests in flight the client must tell them apart.
+    deep_answer = answers['deep-%d' % depth]
     assert deep_answer['result'] == '7' and 'nested' in deep_answer['message'], deep_answer
     assert answers['real-%d' % depth]['result'] == '0'
     c.send(1003, {'type': 'task'})
