@@ -196,13 +196,21 @@ def decode_json(ptype, body):
     return value
 
 
+_ECHO_ID_RE = re.compile(r'"speechID"\s*:\s*"([A-Za-z0-9_:-][A-Za-z0-9._:-]{0,63})"')
+
+
 def loose_json(body):
     """The fields of a body that failed the checks, to echo them in the error answer:
     a dict when the body is a JSON object at all, else None. Numbers JSON cannot carry
     become null; in a body nested too deeply only the plain top-level fields are kept."""
     try:
-        value = json.loads(bytes(body).decode('utf-8'), parse_constant=lambda name: None)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        text = bytes(body).decode('utf-8')
+        value = json.loads(text, parse_constant=lambda name: None)
+    except RecursionError:
+        # Too deep even to parse: the speechID alone, so the client can tell which request failed.
+        found = _ECHO_ID_RE.search(text)
+        return {'speechID': found.group(1)} if found else None
+    except (UnicodeDecodeError, ValueError):
         return None
     if not isinstance(value, dict):
         return None
