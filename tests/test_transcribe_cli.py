@@ -2,6 +2,7 @@
 CLI against the real daemon, on folders, past max_tasks with the daemon full (sent again on
 6, never shown), outputs written, a progress line on a pseudo-terminal, errors that name
 what to change, and exit codes."""
+import glob
 import json
 import os
 import pty
@@ -12,7 +13,7 @@ import sys
 
 import _outputs
 from conftest import FIXTURES, ROOT, expected_texts, long_wav, transcribe_req, wait_for
-from helpers import Closing, monitor
+from helpers import Closing, free_port, monitor
 
 TEXTS = expected_texts()
 EN = sorted(n for n in os.listdir(FIXTURES) if n.startswith('en_') and n.endswith('.wav'))
@@ -169,3 +170,45 @@ def test_errors_say_what_to_change_and_the_exit_status_counts_them(make_daemon, 
     assert 'cannot reach the daemon at 127.0.0.1:%d' % d.port in r.stderr and '`svcmgr start`' in r.stderr
     r = d.cli('monitor')
     assert r.returncode == 3 and '[server] ip and port of %s' % d.ini in r.stderr
+
+
+def test_the_readme_first_hour_works_as_written_with_the_shipped_app_ini(tmp_path):
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    for command in ('.venv/bin/python svcmgr.py transcribe tests/fixtures/en_hello.wav',
+                    'cp tests/fixtures/en_cancel.wav batch/'):
+        assert command in readme
+    base = tmp_path / 'svcmgr'
+    (base / 'tests' / 'fixtures').mkdir(parents=True)
+    for name in ('en_hello.wav', 'en_cancel.wav'):
+        shutil.copy(os.path.join(FIXTURES, name), str(base / 'tests' / 'fixtures'))
+    with open(os.path.join(ROOT, 'app.ini'), encoding='utf-8') as f:
+        text = f.read()
+    assert 'port = 9099\n' in text
+    (base / 'app.ini').write_text(text.replace('port = 9099\n', 'port = %d\n' % free_port(), 1), encoding='utf-8')
+
+    def svcmgr(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, 'svcmgr.py'), '-c', str(base / 'app.ini')]
+                              + list(args), cwd=str(base), capture_output=True, text=True, timeout=300)
+    assert svcmgr('start').returncode == 0
+    try:
+        r = svcmgr('transcribe', 'tests/fixtures/en_hello.wav')
+        assert r.returncode == 0 and r.stdout == '%s\t%s\n' % (base / 'tests' / 'fixtures' / 'en_hello.wav',
+                                                              TEXTS['en_hello.wav'])
+        shutil.copy(str(base / 'tests' / 'fixtures' / 'en_cancel.wav'), str(base / 'batch'))
+
+        def scanned():
+            for path in glob.glob(str(base / 'records' / '*.json')):
+                with open(path, encoding='utf-8') as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        if rec['source'] == 'scanner':
+                            return rec
+            return None
+        # The shipped scan interval is 40 s; inotify takes it well before the first scan could.
+        rec = wait_for(scanned, 30, 'the dropped file recorded')
+        assert rec['data']['transcript'] == TEXTS['en_cancel.wav']
+        wait_for(lambda: not os.path.exists(str(base / 'batch' / 'en_cancel.wav')), 10, 'the source deleted')
+        assert os.path.exists(str(base / 'tests' / 'fixtures' / 'en_hello.wav'))
+    finally:
+        assert svcmgr('stop').returncode == 0
