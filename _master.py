@@ -240,6 +240,7 @@ class Master:
             body['outbox'] = self.webhook.status() if self.webhook else {'enabled': False}
             body['db'] = self.db.stats() if self.db else {'enabled': False}
             body['scanner'] = self.scanner.describe()
+            body['recent'] = self.tasks.describe_recent()
         return body
 
     # ------------------------------------------------------------ timers and signals
@@ -293,7 +294,10 @@ class Master:
                 log.error('master: cannot listen on %s:%s (%s); keeping %s:%s', *new_listen, exc, *old_listen)
             else:
                 self.conns.listen(self.listener)
-        if dict(cfg['engine']) != old_engine:
+        stale = self.engine.stale()     # e.g. Vosk's dither-off overlay no longer matches the model
+        if stale:
+            log.warning('master: reloading the engine: %s', stale)
+        if dict(cfg['engine']) != old_engine or stale:
             engine = _engine.make_engine(cfg)
             try:
                 engine.load()
