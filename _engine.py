@@ -426,6 +426,8 @@ def _noise_floor():
 def fill_digital_silence(pcm, rate):
     """s16le `pcm` with every run of exact zeros of SILENCE_FILL_SECS or more replaced by a
     fixed noise floor (its samples chosen by position, so the result depends on `pcm` only)."""
+    if not SILENCE_FILL_SECS:
+        return pcm
     zeros = b'\0\0' * max(1, int(rate * SILENCE_FILL_SECS))
     start = pcm.find(zeros)
     if start < 0:

@@ -262,6 +262,7 @@ class Master:
             body['db'] = self.db.stats() if self.db else {'enabled': False}
             body['scanner'] = self.scanner.describe()
             body['records'] = self.reporter.status()
+            body['recent'] = self.tasks.describe_recent()
         return body
 
     # ------------------------------------------------------------ timers and signals
@@ -335,7 +336,10 @@ class Master:
                 log.error('master: cannot listen on %s:%s (%s); keeping %s:%s', *new_listen, exc, *old_listen)
             else:
                 self.conns.listen(self.listener)
-        if dict(cfg['engine']) != old_engine:
+        stale = self.engine.stale()     # e.g. Vosk's dither-off overlay no longer matches the model
+        if stale:
+            log.warning('master: reloading the engine: %s', stale)
+        if dict(cfg['engine']) != old_engine or stale:
             engine = _engine.make_engine(cfg)
             try:
                 engine.load()       # the probe loaded these very files already

@@ -19,6 +19,8 @@ from _states import Mark, Result, Source, State, can_move
 log = logging.getLogger('master')
 
 RECENTLY_ENDED = 10000
+# Finished tasks Monitor lists under `recent`, newest last.
+RECENT_SHOWN = 20
 
 
 class Refused(Exception):
@@ -111,6 +113,7 @@ class TaskTable:
         self.pending = collections.deque()
         self.counters = collections.Counter()
         self.recently_ended = collections.OrderedDict()   # speechID -> final state, to explain late 4001s
+        self.recent = collections.deque(maxlen=RECENT_SHOWN)  # Monitor's last finished tasks
         self.seq_day, self.seq = None, 0
         # Why a record could not be written now (the reporter's trouble), else None: a task
         # taken then would end with no record, so none is taken.
@@ -301,10 +304,16 @@ class TaskTable:
         if self.answer(task, answer_body(task, outcome, state, result)) is False:
             result = Result.DISCONNECTED
         self.counters['result_' + result.value] += 1
+        self.recent.append({'speechID': task.speech_id, 'endTime': stamp(), 'state': state.value,
+                            'result': result.value, 'confidence': outcome.confidence})
         level = logging.INFO if result == Result.OK else logging.WARNING
         log.log(level, 'master: speechID=%s ended %s/%s%s', task.speech_id, state.value, result.value,
                 ': ' + outcome.message if outcome.message else '')
         self.submit(FINAL, build_record(task, outcome, state, result))
+
+    def describe_recent(self):
+        """Monitor's `recent`: the last finished tasks with their mean confidence."""
+        return list(self.recent)
 
     def describe(self):
         """Monitor's task list."""

@@ -22,7 +22,7 @@ class LegacyEngine:
     """
 
     def __init__(self, port, name='sttengine', mode='answer', close_after=None, result='0',
-                 transcript=None, delay=0.0, key='transcript'):
+                 transcript=None, delay=0.0, key='transcript', extra=None):
         self.port = port
         self.name = name
         self.mode = mode
@@ -31,6 +31,7 @@ class LegacyEngine:
         self.transcript = transcript or (lambda req: '안녕하세요 고객님, %s 통화입니다' % req['speechID'])
         self.delay = delay
         self.key = key
+        self.extra = extra or (lambda req: {})     # more 4001 fields, e.g. segments
         self.received = []
         self.answered = []
         self.login_code = None
@@ -98,6 +99,7 @@ class LegacyEngine:
                 if self.delay:
                     time.sleep(self.delay)
                 answer = {'result': self.result, 'speechID': req['speechID'], self.key: self.transcript(req)}
+                answer.update(self.extra(req))
                 self.answered.append(answer)
                 self.send_4001(answer)
         except (ConnectionError, OSError, ValueError):

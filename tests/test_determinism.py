@@ -90,8 +90,19 @@ def test_korean_fixtures_give_the_same_answer_every_time(make_daemon):
     # The model Vosk loaded is svcmgr's dither-off overlay, never the installed package.
     overlays = os.listdir(os.path.join(d.base, 'cache', 'vosk'))
     assert len(overlays) == 1 and overlays[0].endswith('-dither0')
-    with open(os.path.join(d.base, 'cache', 'vosk', overlays[0], 'conf', 'mfcc.conf')) as f:
+    conf = os.path.join(d.base, 'cache', 'vosk', overlays[0], 'conf', 'mfcc.conf')
+    with open(conf) as f:
         assert f.read().splitlines()[-1] == '--dither=0'
+    # Checked at reload too: an overlay changed behind svcmgr's back is rebuilt and loaded again.
+    with open(conf, 'a') as f:
+        f.write('--dither=1.0\n')
+    d.cli('reload', check=True)
+    wait_for(lambda: 'reloading the engine: the dither-off overlay' in d.log_text(), 60, 'the reload to notice')
+    wait_for(lambda: os.path.exists(conf) and open(conf).read().splitlines()[-1] == '--dither=0', 60,
+             'the overlay to be rebuilt')
+    wait_for(lambda: 'master: reload done' in d.log_text().split('reloading the engine')[-1], 60, 'the reload')
+    again = run_round(d, KOREAN, 'after-reload')
+    assert {name: json.loads(answer) for name, answer in again.items()} == {n: answers[n] for n in KOREAN}
 
 
 # ------------------------------------------------------------ no work nobody asked for
@@ -160,3 +171,33 @@ def test_keep_wav_false_never_creates_a_wav(make_daemon, mp3):
         assert sorted(os.listdir(out)) == ['nowav-1.mp3', 'nowav-2.mp3']
     else:
         assert names == [] and os.listdir(out) == []
+
+
+# ------------------------------------------------------------ the dither-off overlay itself
+
+def test_overlay_links_the_installed_model_and_owns_only_its_mfcc_conf(tmp_path):
+    import _model_overlay
+    model = tmp_path / 'installed' / 'model'
+    (model / 'am').mkdir(parents=True)
+    (model / 'conf').mkdir()
+    (model / 'am' / 'final.mdl').write_bytes(b'model')
+    (model / 'conf' / 'model.conf').write_text('--beam=10.0\n')
+    (model / 'conf' / 'mfcc.conf').write_text('--use-energy=false\n--dither=1.0\n')
+    cache = tmp_path / 'cache'
+    path, done = _model_overlay.ensure(str(model), str(cache))
+    assert done == 'missing' and _model_overlay.ensure(str(model), str(cache)) == (path, 'ok')
+    assert os.readlink(os.path.join(path, 'am', 'final.mdl')) == str(model / 'am' / 'final.mdl')
+    assert os.readlink(os.path.join(path, 'conf', 'model.conf')) == str(model / 'conf' / 'model.conf')
+    with open(os.path.join(path, 'conf', 'mfcc.conf')) as f:
+        assert f.read() == '--use-energy=false\n--dither=0\n'
+    assert (model / 'conf' / 'mfcc.conf').read_text() == '--use-energy=false\n--dither=1.0\n'   # untouched
+    assert _model_overlay.stale(path, str(model)) is None
+    # Someone edits the overlay, or the installed model changes: found, and rebuilt on the next load.
+    with open(os.path.join(path, 'conf', 'mfcc.conf'), 'a') as f:
+        f.write('--dither=1\n')
+    assert 'mfcc.conf was changed' in _model_overlay.stale(path, str(model))
+    (model / 'am' / 'tree').write_bytes(b'new')
+    assert 'files differ' in _model_overlay.stale(path, str(model))
+    assert _model_overlay.ensure(str(model), str(cache))[1] != 'ok'
+    assert _model_overlay.stale(path, str(model)) is None
+    assert sorted(os.listdir(cache)) == [os.path.basename(path)]      # no temp folders left

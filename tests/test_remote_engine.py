@@ -192,3 +192,32 @@ def test_raw_1_0_login_frame_bytes(remote):
     assert got == b'2001       10'
     s.close()
     assert frame(1001, 'sttengine') == b'1001       9sttengine'
+
+
+def test_segments_in_a_4001_reach_the_answer_and_the_record(remote):
+    d = remote()
+
+    def extra(req):
+        if req['speechID'] == 'seg-good':
+            return {'segments': [{'channel': 'B', 'start': 2.5, 'end': 4.0, 'result': '네 고객님', 'confidence': 0.3},
+                                 {'channel': 'A', 'start': 0.4, 'end': 2.0, 'text': '안녕하세요',
+                                  'words': [{'word': '안녕하세요', 'start': 0.4, 'end': 2.0, 'conf': 0.9}]}]}
+        return {'segments': [{'start': 'soon'}]}
+    eng = LegacyEngine(d.port, extra=extra)
+    eng.start()
+    folder, name = d.fixture('stereo_call.wav')
+    c = d.client()
+    c.send(1002, transcribe_req(folder, name, sid='seg-good', segments=True))
+    c.send(1002, transcribe_req(folder, name, sid='seg-bad', segments=True))
+    answers = {b['speechID']: b for _, b in c.recv_n(2, timeout=60)}
+    good, bad = answers['seg-good'], answers['seg-bad']
+    assert good['result'] == '0' and bad['result'] == '0'
+    assert [(s['seq'], s['channel'], s['start'], s['text'], s['lowConfidence']) for s in good['segments']] == [
+        (1, 'A', 0.4, '안녕하세요', False), (2, 'B', 2.5, '네 고객님', True)]
+    assert good['segments'][0]['words'] == [{'word': '안녕하세요', 'start': 0.4, 'end': 2.0, 'confidence': 0.9}]
+    assert good['confidence'] == 0.9
+    # Unusable segments are logged and left out; the transcript stands.
+    assert bad['segments'] == [] and bad['confidence'] is None
+    assert 'unusable segments for speechID=seg-bad' in d.log_text()
+    recs = {r['data']['speechID']: r for r in assert_records_match(d, 2)}
+    assert recs['seg-good']['segments'] == good['segments'] and 'segments' not in recs['seg-bad']

@@ -176,3 +176,30 @@ def test_seq_counts_per_day_from_what_is_recorded(h, tmp_path):
     records.mkdir()
     (records / (time.strftime('%Y%m%d') + '.json')).write_text('{"seq": 41}\nnot json "seq"\n{"seq": 7}\n')
     assert h.table.next_seq() == 42 and h.table.next_seq() == 43
+
+
+SEGS = [{'seq': 1, 'channel': 'A', 'start': 0.2, 'end': 1.1, 'text': 'hello', 'confidence': 0.8,
+         'lowConfidence': False, 'words': [{'word': 'hello', 'start': 0.2, 'end': 1.1, 'confidence': 0.8}]}]
+
+
+def test_segments_reach_the_answer_only_when_asked_and_always_the_record(h):
+    ok = Outcome(State.DONE, Result.OK, transcript='hello', channels=[{'channel': 'A', 'transcript': 'hello'}],
+                 duration=1.25, audio_wav='s.wav', segments=SEGS, confidence=0.8)
+    plain = h.table.admit(h.req('p1'), Source.CLIENT)
+    asked = h.table.admit(h.req('p2', segments=True), Source.CLIENT)
+    declined = h.table.admit(h.req('p3', segments=False), Source.CLIENT)
+    bodies = {t.speech_id: answer_body(t, ok, State.DONE, Result.OK) for t in (plain, asked, declined)}
+    assert 'segments' not in bodies['p1'] and 'confidence' not in bodies['p1']
+    assert bodies['p3'] == dict(bodies['p1'], speechID='p3')
+    assert list(bodies['p2'])[-3:] == ['transcipt', 'segments', 'confidence']
+    assert bodies['p2']['segments'] == SEGS and bodies['p2']['confidence'] == 0.8
+    for task in (plain, asked):
+        h.table.end(task, ok)
+    recs = [p for ev, p in h.events if ev == FINAL]
+    assert [r.segments for r in recs] == [SEGS, SEGS] and recs[0].confidence == 0.8
+    line = recs[0].to_line()
+    assert line['segments'] == SEGS and line['confidence'] == 0.8
+    assert TaskRecord.from_line(json.loads(json.dumps(line))).segments == SEGS
+    # Monitor's recent tasks carry the confidence.
+    assert [(r['speechID'], r['result'], r['confidence']) for r in h.table.describe_recent()] == [
+        ('p1', '0', 0.8), ('p2', '0', 0.8)]

@@ -193,6 +193,24 @@ def test_payload_fields_and_the_result_conflict():
     assert err['segments'] == [] and err['callTime'] is None
 
 
+def test_payload_segments_carry_each_utterances_times_and_text():
+    segs = [{'seq': 1, 'channel': 'A', 'start': 0.21, 'end': 2.3, 'text': 'hello', 'confidence': 0.7,
+             'lowConfidence': False, 'words': [{'word': 'hello', 'start': 0.21, 'end': 2.3, 'confidence': 0.7}]},
+            {'seq': 2, 'channel': 'B', 'start': 2.0, 'end': 4.2, 'text': 'hi there', 'confidence': 0.4,
+             'lowConfidence': True, 'words': []}]
+    p = _webhook.build_payload(record('s3', text='A: hello\nB: hi there', segments=segs, confidence=0.55,
+                                      channels=[{'channel': 'A', 'transcript': 'hello'},
+                                                {'channel': 'B', 'transcript': 'hi there'}]))
+    assert p['confidence'] == 0.55
+    row = {'sttKey': 's3', 'key': 's3.wav', 'filename': 'call-0001.wav', 'seq': None, 'regDate': '20210125',
+           'regTime': '112014', 'callTime': 12.48}
+    assert p['segments'] == [
+        dict(row, segmentSeq=1, channel='A', start=0.21, end=2.3, result='hello', text='hello', confidence=0.7,
+             lowConfidence=False, words=segs[0]['words']),
+        dict(row, segmentSeq=2, channel='B', start=2.0, end=4.2, result='hi there', text='hi there', confidence=0.4,
+             lowConfidence=True, words=[])]
+
+
 def test_delivery_is_signed_and_verifies(receivers, make_sink):
     rx = receivers()
     sink = make_sink(rx.url)
@@ -537,6 +555,9 @@ def test_daemon_delivers_signed_payloads_and_monitor_shows_the_outbox(make_daemo
     assert hello['customerId'] == 'c-1' and hello['sttKey'] == 'e2e-hello' and hello['key'] == a
     assert hello['regDate'] == time.strftime('%Y%m%d') and hello['callTime'] == hello['duration'] > 0.5
     assert hello['segments'][0]['result'] == TEXTS['en_hello.wav'] and hello['segments'][0]['channel'] == 'A'
+    # The utterance's own times (en_hello.wav's speech is 0.2 s to 2.3 s), not the whole call.
+    assert 0.1 < hello['segments'][0]['start'] < 0.35 and 2.2 < hello['segments'][0]['end'] < 2.4
+    assert len(hello['segments']) == 1 and 0 < hello['confidence'] <= 1
     assert hello['audioPath'] == os.path.join(d.base, 'batch', 'rec_mp3', time.strftime('%Y%m%d'))
     assert [m.split(' < ')[1] for m in hello['processInterval']][-1] == 'TRANSCRIBE_END'
     assert got['e2e-missing']['result'] == '4' and got['e2e-missing']['state'] == 'NOFILE_ID'
