@@ -58,6 +58,10 @@ monitor_interval_secs = float(min=0.1, max=3600, default=5)
 # Period of the workers' heartbeats; an idle worker silent for 5 periods (at least 10 s) is killed
 # and replaced (a busy one is bounded by session_timeout_secs).
 heartbeat_secs = float(min=0.1, max=3600, default=2)
+# A worker leaves after this many tasks, or once its private memory passes
+# max_worker_memory_mb after a task, and a fresh one takes its place (kept recognizers grow); 0 = never.
+max_tasks_per_worker = integer(min=0, max=100000000, default=1000)
+max_worker_memory_mb = integer(min=0, max=1048576, default=1024)
 # Pid file of the daemon; lets stop and status find it without grepping ps.
 pidfile = path(default='svcmgr.pid')
 # The daemon's stdout and stderr: start/stop banners and tracebacks nothing else caught.
@@ -128,6 +132,23 @@ sample_rate = integer(min=0, max=192000, default=0)
 engine_slots = integer(min=1, max=1000, default=1)
 # remote: tasks one logged-in engine is given at once (least busy engine first).
 engine_concurrency = integer(min=1, max=10000, default=1)
+# Speed (issue 17, _vad.py): only the speech regions of each channel reach an embedded engine;
+# word times are mapped back to the source. The thresholds below tune what counts as speech.
+vad = boolean(default=True)
+# WebRTC VAD mode: 0 keeps the most, 3 the least.
+vad_aggressiveness = integer(min=0, max=3, default=2)
+# Frames below this level (dBFS) are silence whatever the VAD says (line hiss, hold).
+vad_min_dbfs = float(min=-96, max=0, default=-45)
+# Audio kept before and after each region, and pauses inside speech kept as they are.
+vad_padding_secs = float(min=0, max=5, default=0.3)
+vad_bridge_secs = float(min=0, max=10, default=0.5)
+# Bursts shorter than this are clicks, not words.
+vad_min_speech_secs = float(min=0, max=5, default=0.12)
+# Stereo: a channel this many dB quieter than the other at the same moment carries only the
+# other party's echo there; 0 = keep it.
+vad_crosstalk_db = float(min=0, max=96, default=15)
+# vosk: keep one recognizer per worker (reset between calls) instead of one per call.
+keep_recognizer = boolean(default=True)
 
 [webhook]
 # Finished tasks are POSTed here; empty = off.

@@ -150,6 +150,9 @@ class VoskEngine(Engine):
     # Kaldi's resampler hangs on rates of 0 or 1 Hz; no speech recording is below 4 kHz.
     MIN_RATE = 4000
     MAX_RATE = 192000
+    keep_recognizer = False     # set per worker from [engine] keep_recognizer (_speed.py)
+    _kept = None
+    _kept_fed = 0
 
     def __init__(self, model='', sample_rate=0, base_dir=None):
         self.model_name = model or 'ko'
@@ -222,23 +225,43 @@ class VoskEngine(Engine):
             pcm = pcm[:-1]
         if not pcm:
             return Recognition('')
-        rec = self._vosk.KaldiRecognizer(self.model, float(self.sample_rate))
+        rec, offset = self._recognizer(len(pcm) // 2)
         try:
-            rec.SetWords(True)
             chunk = 2 * max(1, int(self.sample_rate * self.CHUNK_SECS))
             results = []
             for i in range(0, len(pcm), chunk):
                 if rec.AcceptWaveform(pcm[i:i + chunk]):
                     results.append(rec.Result())
             results.append(rec.FinalResult())
+        except BaseException:
+            self._kept = None       # a recognizer that failed midway is not trusted again
+            raise
         finally:
             del rec
-            _release_heap()
+            if not self.keep_recognizer:
+                _release_heap()
         words = []
         for raw in results:
             for w in json.loads(raw).get('result', ()):
-                words.append(Word(w['word'], float(w['start']), float(w['end'])))
+                words.append(Word(w['word'], round(float(w['start']) - offset, 6),
+                                  round(float(w['end']) - offset, 6)))
         return Recognition(' '.join(w.word for w in words), words)
+
+    def _recognizer(self, samples):
+        """A fresh recognizer, or with keep_recognizer (issue 17) this worker's own, reset:
+        no 0.25 s set-up per call; its memory growth is bounded by worker recycling.
+        Returns it with the seconds to take off its word times: Reset() does not restart
+        a recognizer's clock, which runs on over every sample it was ever given."""
+        if self.keep_recognizer and self._kept is not None:
+            self._kept.Reset()
+            offset = self._kept_fed / self.sample_rate
+            self._kept_fed += samples
+            return self._kept, offset
+        rec = self._vosk.KaldiRecognizer(self.model, float(self.sample_rate))
+        rec.SetWords(True)
+        if self.keep_recognizer:
+            self._kept, self._kept_fed = rec, samples
+        return rec, 0.0
 
     def describe(self):
         return {'type': self.name, 'sampleRate': self.sample_rate, 'model': self.model_name,

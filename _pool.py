@@ -32,6 +32,7 @@ class WorkerSlot:
     killed_reason: str = None
     pipe_open: bool = True
     told_to_leave: bool = False
+    leaving: str = None       # the worker said it leaves after its task (recycling)
 
 
 class WorkerPool:
@@ -106,11 +107,15 @@ class WorkerPool:
                 continue
             if kind == WorkerMsg.STATE:
                 self.on_state(slot, sid, State(payload))
+            elif kind == WorkerMsg.LEAVING:
+                slot.leaving = payload
             elif kind == WorkerMsg.DONE:
                 slot.task = None
                 slot.done += 1
                 self.on_done(slot, sid, payload)
-                if slot.retiring:
+                if slot.leaving:
+                    self.recycle(slot)
+                elif slot.retiring:
                     self.retire(slot)
 
     def _close_pipe(self, slot):
@@ -189,6 +194,19 @@ class WorkerPool:
                 slot.conn.send(None)
             except OSError:
                 pass
+
+    def recycle(self, slot):
+        """A worker that leaves on its own (max_tasks_per_worker, max_worker_memory_mb):
+        a fresh one takes its number at once, no backoff."""
+        if self.slots.get(slot.number) is slot and not self.stopping:
+            del self.slots[slot.number]
+            self.retired.append(slot)
+            log.info('master: worker %d (pid %d) %s; starting a fresh one', slot.number, slot.proc.pid,
+                     slot.leaving)
+            self.retire(slot)
+            self.spawn(slot.number)
+        else:
+            self.retire(slot)
 
     def retire_all(self):
         for slot in list(self.slots.values()) + self.retired:

@@ -94,6 +94,7 @@ class WorkerMsg(str, Enum):
     """What a worker sends the master on its pipe: (kind, speechID, payload)."""
     STATE = 'state'         # payload: the State the task moved to
     DONE = 'done'           # payload: the Outcome
+    LEAVING = 'leaving'     # payload: why the worker leaves after this task (recycling), sent before DONE
 
 
 class LinkMsg(str, Enum):

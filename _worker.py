@@ -11,6 +11,8 @@ import time
 import _audio
 import _children
 import _config
+import _speed
+import _vad
 from _config import inside
 from _jobs import Outcome
 from _states import Result, State, WorkerMsg
@@ -113,6 +115,9 @@ class PacketAgent:
         if not _children.become_child(self, self.cfg, 'svcmgr: worker %d' % self.id, self.name, self.master_pid,
                                       self.close_fds, nice=WORKER_NICE):
             return
+        _speed.apply_engine_options(self.engine, self.cfg)
+        self.recycler = _speed.Recycler(self.cfg)
+        self.vad = _vad.VadSettings.from_config(self.cfg)
         self.engine.open()
         log.info('%s: ready (pid %d)', self.name, os.getpid())
         hb = float(self.cfg['setting']['heartbeat_secs'])
@@ -157,6 +162,11 @@ class PacketAgent:
         except Exception as exc:  # the one catch-all of this loop: an engine failure must not kill us
             log.error('%s: engine failed: %s', tag, exc, exc_info=True)
             outcome = Outcome.failed(State.ERROR, Result.ERROR, 'engine failed: %s' % exc)
+        leaving = self.recycler.after_task()
+        if leaving:
+            # Before DONE, so the master gives this worker no further task.
+            log.info('%s: %s', self.name, leaving)
+            self.send(WorkerMsg.LEAVING, sid, leaving)
         self.send(WorkerMsg.DONE, sid, outcome)
 
     def process(self, job, tag):
@@ -185,10 +195,9 @@ class PacketAgent:
             return done
         self.send(WorkerMsg.STATE, sid, State.RECOGNIZE.value)
         labels = 'AB'
-        recognitions = []
-        for i, pcm in enumerate(prepared.engine_pcm):
-            recognitions.append((labels[i], self.engine.recognize(pcm)))
-            self.beat()
+        # The VAD gate (_vad.py, [engine] vad) sends only speech to the engine.
+        recs = _vad.recognize(self.engine, prepared.engine_pcm, self.vad, beat=self.beat, tag=tag)
+        recognitions = [(labels[i], rec) for i, rec in enumerate(recs)]
         del prepared.engine_pcm[:]
         if len(recognitions) == 1:
             done.transcript = recognitions[0][1].text

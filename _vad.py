@@ -1,0 +1,177 @@
+"""Voice activity gating before the engine: finds the speech regions of each channel
+(WebRTC's VAD, an energy floor, and for stereo calls the other channel's level), sends
+only those regions, padded and joined, to the engine, and maps its word times back to
+the source's timeline. `[engine] vad` and its thresholds in app.ini.
+"""
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from _engine import Recognition, Word
+
+log = logging.getLogger('vad')
+
+VAD_RATES = (8000, 16000, 32000, 48000)     # what WebRTC's VAD takes
+
+
+@dataclass
+class VadSettings:
+    enabled: bool = True
+    aggressiveness: int = 2         # WebRTC VAD mode 0 (lenient) .. 3 (strict)
+    frame_ms: int = 30              # 10, 20 or 30
+    min_dbfs: float = -45.0         # frames quieter than this are silence, whatever the VAD says
+    padding_secs: float = 0.3       # kept before and after each region: the engine's own context
+    min_speech_secs: float = 0.12   # shorter bursts (clicks) are dropped
+    bridge_secs: float = 0.5        # silences shorter than this inside speech are kept as they are
+    crosstalk_db: float = 15.0      # stereo: a frame this much quieter than the other channel's is echo
+
+    @classmethod
+    def from_config(cls, cfg):
+        e = cfg['engine']
+        return cls(enabled=bool(e['vad']), aggressiveness=int(e['vad_aggressiveness']),
+                   min_dbfs=float(e['vad_min_dbfs']), padding_secs=float(e['vad_padding_secs']),
+                   min_speech_secs=float(e['vad_min_speech_secs']), bridge_secs=float(e['vad_bridge_secs']),
+                   crosstalk_db=float(e['vad_crosstalk_db']))
+
+
+@dataclass
+class Gated:
+    """One channel after gating: the PCM the engine gets and where each piece came from."""
+    pcm: bytes
+    spans: list = field(default_factory=list)   # [(engine start, source start, length)] in samples
+    source_samples: int = 0
+
+    @property
+    def kept_share(self):
+        kept = sum(length for _, _, length in self.spans)
+        return kept / self.source_samples if self.source_samples else 0.0
+
+    def to_source(self, samples):
+        """A position in the engine's PCM (samples) as a position in the source."""
+        for dst, src, length in self.spans:
+            if samples < dst + length:
+                return src + max(0, samples - dst)
+        if not self.spans:
+            return samples
+        dst, src, length = self.spans[-1]
+        return src + length
+
+
+def _frame_levels(samples, frame):
+    """Level of each whole frame in dBFS."""
+    n = len(samples) // frame
+    if not n:
+        return np.zeros(0)
+    x = samples[:n * frame].astype(np.float64).reshape(n, frame)
+    rms = np.sqrt(np.mean(x * x, axis=1)) + 1e-3
+    return 20 * np.log10(rms / 32768.0)
+
+
+def _vad_flags(pcm, rate, settings, n):
+    import webrtcvad     # imported here: only a worker with the gate on needs it
+    vad = webrtcvad.Vad(settings.aggressiveness)
+    step = 2 * rate * settings.frame_ms // 1000
+    return np.fromiter((vad.is_speech(pcm[i * step:(i + 1) * step], rate) for i in range(n)),
+                       dtype=bool, count=n)
+
+
+def _runs(flags):
+    """[(first, end)] index ranges where flags are true."""
+    if not len(flags):
+        return []
+    edges = np.diff(np.concatenate(([0], flags.astype(np.int8), [0])))
+    return list(zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()))
+
+
+def _smooth(flags, settings):
+    """Fills short holes in speech, then drops bursts too short to be words."""
+    frame_secs = settings.frame_ms / 1000
+    bridge = int(round(settings.bridge_secs / frame_secs))
+    out = flags.copy()
+    runs = _runs(~flags)
+    for first, end in runs:
+        if 0 < first and end < len(flags) and end - first <= bridge:
+            out[first:end] = True
+    shortest = max(1, int(round(settings.min_speech_secs / frame_secs)))
+    for first, end in _runs(out):
+        if end - first < shortest:
+            out[first:end] = False
+    return out
+
+
+def speech_flags(channels, rate, settings):
+    """Per channel, one bool per frame: speech worth sending to the engine."""
+    frame = rate * settings.frame_ms // 1000
+    arrays = [np.frombuffer(pcm, dtype='<i2') for pcm in channels]
+    n = min(len(a) for a in arrays) // frame if arrays else 0
+    levels = [_frame_levels(a, frame)[:n] for a in arrays]
+    out = []
+    for index, pcm in enumerate(channels):
+        flags = _vad_flags(pcm, rate, settings, n) & (levels[index] >= settings.min_dbfs)
+        if len(channels) == 2 and settings.crosstalk_db > 0:
+            # The far side's voice leaking into this channel: much quieter than the other's.
+            flags &= levels[index] >= levels[1 - index] - settings.crosstalk_db
+        out.append(_smooth(flags, settings))
+    return out, frame
+
+
+def regions(flags, frame, total, rate, settings):
+    """Speech regions in source samples, padded and merged where the padding meets."""
+    pad = int(settings.padding_secs * rate)
+    out = []
+    for first, end in _runs(flags):
+        start, stop = max(0, first * frame - pad), min(total, end * frame + pad)
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
+
+
+def gate(channels, rate, settings):
+    """Each channel's PCM (s16le mono at `rate`) cut down to its speech regions."""
+    if rate not in VAD_RATES:
+        raise ValueError('the VAD takes %s Hz, not %d' % (VAD_RATES, rate))
+    flags, frame = speech_flags(channels, rate, settings)
+    out = []
+    for pcm, channel_flags in zip(channels, flags):
+        total = len(pcm) // 2
+        parts, spans, dst = [], [], 0
+        for start, stop in regions(channel_flags, frame, total, rate, settings):
+            parts.append(pcm[2 * start:2 * stop])
+            spans.append((dst, start, stop - start))
+            dst += stop - start
+        out.append(Gated(b''.join(parts), spans, total))
+    return out
+
+
+def _remap(rec, gated, rate):
+    words = []
+    for w in rec.words:
+        start = gated.to_source(int(round(w.start * rate)))
+        # The end is the last sample of the word, so a word ending at a join stays in its region.
+        end = gated.to_source(max(0, int(round(w.end * rate)) - 1)) + 1
+        words.append(Word(w.word, start / rate, max(start, end) / rate))
+    return Recognition(rec.text, words)
+
+
+def recognize(engine, channels, settings, beat=None, tag=''):
+    """The engine's Recognition per channel, with the gate on or off; word times are
+    always on the source's timeline."""
+    rate = engine.sample_rate
+    if not settings.enabled or rate not in VAD_RATES:
+        out = []
+        for pcm in channels:
+            out.append(engine.recognize(pcm))
+            if beat:
+                beat()
+        return out
+    out = []
+    for gated in gate(channels, rate, settings):
+        log.debug('%s: vad keeps %.0f %% of %.1f s', tag, 100 * gated.kept_share, gated.source_samples / rate)
+        rec = engine.recognize(gated.pcm) if gated.pcm else Recognition('')
+        out.append(_remap(rec, gated, rate))
+        if beat:
+            beat()
+    return out
