@@ -10,17 +10,16 @@ import stat
 import sys
 import wave
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 import av
 import av.error
 import av.filter
 
+import _mp3
 from _states import Result, State
 
 FILE_RATE = 8000            # the 1.0 engine's WAV format: 8 kHz 16-bit
-MP3_BIT_RATE = 64000
-MP3_CODEC = 'libmp3lame'    # this av build names its LAME encoder both `libmp3lame` and `mp3`
+MP3_ENCODER = 'lameenc'     # _mp3.py: lameenc, or 'pyav' (2.0's, about 3x the CPU)
 MAX_RATE = 768000           # above any real recording; keeps absurd headers out of the resampler
 
 # Two channels count as one signal ("dual mono") when no sample pair ever differs by
@@ -120,8 +119,7 @@ class _Outputs:
         self.channel_names = [stem + '_A.wav', stem + '_B.wav'] if channels == 2 else []
         self.mp3_name = stem + '.mp3' if mp3_backup else None
         self.wavs = []          # [_WavFile]: the source's channels, then A and B
-        self.mp3 = None         # (temp path, container, stream)
-        self.mp3_samples = 0
+        self.mp3 = None         # (temp path, _mp3 writer)
         name = self.wav_name
         try:
             os.makedirs(folder, exist_ok=True)
@@ -133,14 +131,10 @@ class _Outputs:
         if self.mp3_name:
             tmp = _temp_path(folder, self.mp3_name)
             try:
-                out = av.open(tmp, 'w', format='mp3')
-                self.mp3 = (tmp, out, None)
-                stream = out.add_stream(MP3_CODEC, rate=FILE_RATE,
-                                        layout='stereo' if channels == 2 else 'mono')
-                stream.bit_rate = MP3_BIT_RATE
-                self.mp3 = (tmp, out, stream)
-            except _DECODE_ERRORS as exc:
+                self.mp3 = (tmp, _mp3.open_writer(tmp, channels, FILE_RATE, MP3_ENCODER))
+            except (_mp3.Mp3Error, OSError, ValueError) as exc:
                 self.abort()
+                _remove(tmp)
                 raise self._mp3_error(exc) from exc
 
     def _error(self, state, name, exc):
@@ -163,20 +157,10 @@ class _Outputs:
             except OSError as exc:
                 raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
-            # Our own timestamps: a source whose pts jump or restart would otherwise
-            # make the muxer refuse non-monotonic packets.
-            frame.pts = self.mp3_samples
-            frame.time_base = Fraction(1, FILE_RATE)
-            self.mp3_samples += frame.samples
-            self._encode(frame)
-
-    def _encode(self, frame):
-        _tmp, out, stream = self.mp3
-        try:
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        except _DECODE_ERRORS as exc:
-            raise self._mp3_error(exc) from exc
+            try:
+                self.mp3[1].write(pcm)
+            except (_mp3.Mp3Error, OSError) as exc:
+                raise self._mp3_error(exc) from exc
 
     def commit(self):
         """Finishes every file, then gives each its final name."""
@@ -186,10 +170,9 @@ class _Outputs:
             except OSError as exc:
                 raise self._wav_error(wav.name, exc) from exc
         if self.mp3:
-            self._encode(None)
             try:
                 self.mp3[1].close()
-            except _DECODE_ERRORS as exc:
+            except (_mp3.Mp3Error, OSError) as exc:
                 raise self._mp3_error(exc) from exc
         # Renamed only once all are complete, so a failed MP3 publishes no WAV either.
         # No fsync: the engine reads these files at once, and after a crash the
@@ -216,10 +199,10 @@ class _Outputs:
             _remove(wav.tmp)
         self.wavs = []
         if self.mp3:
-            tmp, out, _stream = self.mp3
+            tmp, writer = self.mp3
             try:
-                out.close()
-            except _DECODE_ERRORS:
+                writer.abort()
+            except (_mp3.Mp3Error, OSError):
                 pass        # likewise
             _remove(tmp)
             self.mp3 = None
