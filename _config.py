@@ -70,6 +70,8 @@ psout = path(default='psout.log')
 [task]
 # Also write a 64 kbit/s MP3 of each call into audio_target_path.
 mp3_backup = boolean(default=True)
+# The MP3 encoder (_mp3.py): lameenc, or pyav (2.0's libmp3lame through PyAV, about 3x the CPU).
+mp3_encoder = option('lameenc', 'pyav', default='lameenc')
 # Where a source that failed goes: scanned files always, a client's when source_after = delete;
 # a <name>.reason text is written beside it.
 error_backup_path = path(default='error')

@@ -4,13 +4,16 @@ recycling that bounds what a kept recognizer costs: a worker leaves after
 """
 import logging
 
+import _audio
+
 log = logging.getLogger('worker')
 
 
-def apply_engine_options(engine, cfg):
-    """Called in the worker before engine.open(): options that live per worker."""
+def apply_worker_options(engine, cfg):
+    """Called in the worker before engine.open(): options that live per worker process."""
     if hasattr(engine, 'keep_recognizer'):
         engine.keep_recognizer = bool(cfg['engine']['keep_recognizer'])
+    _audio.MP3_ENCODER = cfg['task']['mp3_encoder']
 
 
 def private_mb(pid='self'):

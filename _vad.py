@@ -84,14 +84,13 @@ def _runs(flags):
     return list(zip(np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()))
 
 
-def _smooth(flags, settings):
+def _smooth(flags, settings, bridge=True):
     """Fills short holes in speech, then drops bursts too short to be words."""
     frame_secs = settings.frame_ms / 1000
-    bridge = int(round(settings.bridge_secs / frame_secs))
+    longest = int(round(settings.bridge_secs / frame_secs)) if bridge else 0
     out = flags.copy()
-    runs = _runs(~flags)
-    for first, end in runs:
-        if 0 < first and end < len(flags) and end - first <= bridge:
+    for first, end in _runs(~flags):
+        if 0 < first and end < len(flags) and end - first <= longest:
             out[first:end] = True
     shortest = max(1, int(round(settings.min_speech_secs / frame_secs)))
     for first, end in _runs(out):
@@ -106,13 +105,18 @@ def speech_flags(channels, rate, settings):
     arrays = [np.frombuffer(pcm, dtype='<i2') for pcm in channels]
     n = min(len(a) for a in arrays) // frame if arrays else 0
     levels = [_frame_levels(a, frame)[:n] for a in arrays]
+    # Cross-talk is judged on levels over ~0.3 s: frame by frame, the dips between the
+    # speaker's words would let bits of the echo through.
+    window = np.ones(max(1, 300 // settings.frame_ms))
+    power = [np.convolve(10 ** (lv / 10), window, mode='same') for lv in levels]
     out = []
     for index, pcm in enumerate(channels):
-        flags = _vad_flags(pcm, rate, settings, n) & (levels[index] >= settings.min_dbfs)
+        flags = _smooth(_vad_flags(pcm, rate, settings, n) & (levels[index] >= settings.min_dbfs), settings)
         if len(channels) == 2 and settings.crosstalk_db > 0:
             # The far side's voice leaking into this channel: much quieter than the other's.
-            flags &= levels[index] >= levels[1 - index] - settings.crosstalk_db
-        out.append(_smooth(flags, settings))
+            echo = power[index] < power[1 - index] * 10 ** (-settings.crosstalk_db / 10)
+            flags = _smooth(flags & ~echo, settings, bridge=False)
+        out.append(flags)
     return out, frame
 
 

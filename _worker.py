@@ -115,7 +115,7 @@ class PacketAgent:
         if not _children.become_child(self, self.cfg, 'svcmgr: worker %d' % self.id, self.name, self.master_pid,
                                       self.close_fds, nice=WORKER_NICE):
             return
-        _speed.apply_engine_options(self.engine, self.cfg)
+        _speed.apply_worker_options(self.engine, self.cfg)
         self.recycler = _speed.Recycler(self.cfg)
         self.vad = _vad.VadSettings.from_config(self.cfg)
         self.engine.open()

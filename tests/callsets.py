@@ -94,7 +94,7 @@ class _Builder:
         """[(channel, speech samples, start)] filling `seconds` with turns and gaps, and turns."""
         pieces, turns, pos, channel = [], [], 0, 'A'
         while pos < seconds * self.rate:
-            gap = self.rng.uniform(*gap_range)
+            gap = self.rng.uniform(*gap_range) if pieces else self.rng.uniform(2.0, 6.0)   # ring time
             if hold_every and pieces and self.rng.random() < 1.0 / hold_every:
                 gap = self.rng.uniform(6.0, 12.0)   # "please hold": both sides silent
             pos += int(gap * self.rate)
@@ -141,8 +141,8 @@ def _said(turns):
 # name -> (language, stereo, rate, call lengths in seconds, gaps, hold every n turns, voices)
 SETS = {
     'stereo': ('en', True, 8000, (60, 95, 130, 170, 300), (0.3, 3.0), 12, ('kal', 'slt')),
-    # Short pauses and a rare hold: 20 to 40 % of a mono call is silence.
-    'mono': ('en', False, 8000, (60, 80, 110), (0.2, 0.8), 30, ('kal', 'slt')),
+    # Ring time and pauses: 20 to 40 % of a mono call is silence.
+    'mono': ('en', False, 8000, (60, 80, 110), (0.3, 1.2), 0, ('kal', 'slt')),
     'ko_stereo': ('ko', True, 16000, (60, 75, 90), (0.3, 3.0), 12, (None, None)),
     'ko_short': ('ko', True, 16000, (10,) * 6, (0.3, 1.5), 0, (None, None)),
 }

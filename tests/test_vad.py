@@ -1,0 +1,142 @@
+"""The VAD gate (_vad.py): what reaches the engine, times mapped back to the source, and
+accuracy on the call sets of tests/callsets.py with the gate on versus off (jiwer)."""
+import os
+import wave
+
+import jiwer
+import numpy as np
+import pytest
+
+import _audio
+import _engine
+import _vad
+import callsets
+from conftest import FIXTURES
+
+RATE = 16000
+
+
+@pytest.fixture(scope='module')
+def sphinx():
+    engine = _engine.PocketSphinxEngine()
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope='module')
+def calls(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('calls'))
+    return {'stereo': callsets.make(folder, 'stereo', 1), 'mono': callsets.make(folder, 'mono', 1)}
+
+
+def speech(name='en_hello.wav'):
+    pcm = _audio.prepare(os.path.join(FIXTURES, name), RATE).engine_pcm[0]
+    return np.frombuffer(pcm, dtype='<i2').astype(np.float64)
+
+
+def pcm_of(samples):
+    return np.clip(samples, -32768, 32767).astype('<i2').tobytes()
+
+
+def noisy_silence(seconds, seed=0):
+    return np.random.default_rng(seed).normal(0, 60, int(seconds * RATE))
+
+
+def test_only_speech_reaches_the_engine_and_times_map_back(sphinx):
+    voice = speech()
+    signal = noisy_silence(12.0)
+    at = int(6.5 * RATE)
+    signal[at:at + len(voice)] += voice
+    gated, = _vad.gate([pcm_of(signal)], RATE, _vad.VadSettings())
+    assert gated.kept_share < 0.5
+    (dst, src, length), = gated.spans
+    assert src <= at and src + length >= at + len(voice)
+    assert gated.to_source(dst + 100) == src + 100
+    alone = sphinx.recognize(pcm_of(voice))
+    assert alone.text == 'hello customer how can i help you'
+    rec, = _vad.recognize(sphinx, [pcm_of(signal)], _vad.VadSettings())
+    ungated, = _vad.recognize(sphinx, [pcm_of(signal)], _vad.VadSettings(enabled=False))
+    # Six seconds of hiss before the words throw pocketsphinx off; the gate spares it that.
+    assert jiwer.wer(alone.text, rec.text) <= jiwer.wer(alone.text, ungated.text)
+    assert rec.words[0].word == 'hello'
+    assert rec.words[0].start == pytest.approx(alone.words[0].start + 6.5, abs=0.15)
+    for word in rec.words:
+        assert 6.5 - 0.15 <= word.start < word.end <= 6.5 + len(voice) / RATE + 0.15
+
+
+def test_silence_gives_no_engine_input(sphinx):
+    gated, = _vad.gate([pcm_of(noisy_silence(5.0))], RATE, _vad.VadSettings())
+    assert gated.pcm == b'' and gated.spans == []
+    rec, = _vad.recognize(sphinx, [pcm_of(noisy_silence(5.0))], _vad.VadSettings())
+    assert (rec.text, rec.words) == ('', [])
+
+
+def test_crosstalk_on_the_silent_channel_is_dropped():
+    voice = speech()
+    a = noisy_silence(6.0, 1)
+    b = noisy_silence(6.0, 2)
+    a[RATE:RATE + len(voice)] += voice
+    b[RATE + 320:RATE + 320 + len(voice)] += 0.1 * voice[:len(b) - RATE - 320]   # -20 dB echo
+    channels = [pcm_of(a), pcm_of(b)]
+    on = _vad.gate(channels, RATE, _vad.VadSettings(crosstalk_db=15))
+    off = _vad.gate(channels, RATE, _vad.VadSettings(crosstalk_db=0))
+    assert on[0].kept_share > 0.3
+    assert on[1].kept_share == 0
+    assert off[1].kept_share > 0.2      # the echo alone is loud enough to pass the VAD
+
+
+def test_other_rates_pass_ungated():
+    with pytest.raises(ValueError):
+        _vad.gate([b'\0\0' * 1000], 22050, _vad.VadSettings())
+
+
+def _words_off_speech(call, recs):
+    """Words lying more than 0.15 s outside every turn of their channel, and all words."""
+    off, total = 0, 0
+    for label, rec in zip('AB', recs):
+        turns = [t for t in call.turns if t['channel'] == label]
+        for w in rec.words:
+            total += 1
+            if min(max(t['start'] - w.start, w.end - t['end'], 0) for t in turns) > 0.15:
+                off += 1
+    return off, total
+
+
+def test_call_sets_accuracy_with_and_without_vad(sphinx, calls):
+    refs, hyps = {False: [], True: []}, {False: [], True: []}
+    off_speech = {False: [0, 0], True: [0, 0]}
+    for call in calls['stereo'] + calls['mono']:
+        prepared = _audio.prepare(call.path, sphinx.sample_rate)
+        assert len(prepared.engine_pcm) == call.channels
+        for enabled in (False, True):
+            recs = _vad.recognize(sphinx, prepared.engine_pcm, _vad.VadSettings(enabled=enabled))
+            for label, rec in zip('AB', recs):
+                refs[enabled].append(call.said[label])
+                hyps[enabled].append(rec.text)
+            off, total = _words_off_speech(call, recs)
+            off_speech[enabled][0] += off
+            off_speech[enabled][1] += total
+    wer_off, wer_on = jiwer.wer(refs[False], hyps[False]), jiwer.wer(refs[True], hyps[True])
+    print('WER without VAD %.3f, with %.3f; words off speech %s' % (wer_off, wer_on, off_speech))
+    assert wer_on <= wer_off + 0.005
+    # Times stay on the speech: at most 2 % of the words more than 0.15 s away from it.
+    off, total = off_speech[True]
+    assert total > 100 and off <= 0.02 * total
+    assert off / total <= off_speech[False][0] / off_speech[False][1]
+
+
+def test_call_sets_are_what_they_say(calls):
+    stereo, mono = calls['stereo'][0], calls['mono'][0]
+    assert 60 <= stereo.seconds <= 300 and 60 <= mono.seconds <= 300
+    assert 0.2 <= callsets.silence_share(mono) <= 0.4
+    assert {t['channel'] for t in stereo.turns} == {'A', 'B'}
+    gaps = [b['start'] - a['end'] for a, b in zip(stereo.turns, stereo.turns[1:])]
+    assert min(gaps) >= 0.3 and max(gaps) <= 12     # 0.3 .. 3 s gaps, holds up to 12 s
+    with wave.open(stereo.path) as w:
+        frames = np.frombuffer(w.readframes(w.getnframes()), '<i2').reshape(-1, 2).astype(float)
+    # While A speaks, B carries A's cross-talk over its own noise floor.
+    first = stereo.turns[0]
+    span = slice(int(first['start'] * 8000), int(first['end'] * 8000))
+    other = 1 if first['channel'] == 'A' else 0
+    level = np.sqrt(np.mean(frames[span, other] ** 2))
+    assert callsets.NOISE_RMS * 1.2 < level < np.sqrt(np.mean(frames[span, 1 - other] ** 2)) / 10
