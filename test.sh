@@ -8,6 +8,10 @@ if ! .venv/bin/python -c "import socket; socket.create_connection(('127.0.0.1', 
         start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
     fi
 fi
+# tests/callsets.py speaks its call sets with flite and espeak-ng (Debian's packages).
+if [ ! -x /usr/bin/flite ] || [ ! -x /usr/bin/espeak-ng ]; then
+    apt-get update -q && apt-get install -y -q flite espeak-ng || exit 1
+fi
 .venv/bin/python -m pytest "$@"
 code=$?
 if [ "$code" = 5 ]; then

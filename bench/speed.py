@@ -235,7 +235,7 @@ def main():
         del vosk
     if 'reuse' not in skip:
         recognizer_reuse(sets['ko_short'], 3)
-        reuse_memory(sets['ko_short'] + sets['ko_stereo'], 50)
+        reuse_memory(sets['ko_short'] + sets['ko_stereo'], 20)
     if 'mp3' not in skip:
         mp3_cost(sets['stereo'][:2] + sets['mono'][:1], 3)
     if 'daemon' not in skip:
