@@ -43,7 +43,7 @@ def body_chunks(rfile, headers):
                     pass
                 return
             while size:
-                data = rfile.read(min(size, CHUNK))
+                data = rfile.read1(min(size, CHUNK))
                 if not data:
                     raise BodyError(400, 'the body ended early')
                 size -= len(data)
@@ -52,7 +52,7 @@ def body_chunks(rfile, headers):
         return
     left = content_length(headers)
     while left > 0:
-        data = rfile.read(min(left, CHUNK))
+        data = rfile.read1(min(left, CHUNK))    # what has arrived: a slow sender is written as it comes
         if not data:
             raise BodyError(400, 'the body ended early (%d bytes missing)' % left)
         left -= len(data)

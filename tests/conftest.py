@@ -350,7 +350,7 @@ def debian_program(program, package):
     if not _APT_UPDATED:
         subprocess.run(['apt-get', 'update'], check=True, env=env, capture_output=True, timeout=600)
         _APT_UPDATED.append(True)
-    proc = subprocess.run(['apt-get', 'install', '-y', '--no-install-recommends', package], env=env,
+    proc = subprocess.run(['apt-get', 'install', '-y', package], env=env,
                           capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         pytest.fail('cannot install Debian package %s: %s' % (package, proc.stderr[-2000:]), pytrace=False)

@@ -199,6 +199,31 @@ def chunked_multipart(payload):
     yield b'\r\n--XyZ--\r\n'
 
 
+def test_too_many_uploads_at_once_is_503_with_retry_after(web):
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    held = []
+    for _ in range(4):          # max_uploads = 4, each stalled half-way through its body
+        sock = socket.create_connection(('127.0.0.1', web.http_port))
+        sock.sendall(b'POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n'
+                     b'Content-Type: multipart/form-data; boundary=B\r\nContent-Length: %d\r\n\r\n'
+                     % (TOKEN.encode(), len(head) + 100000) + head + b'\0' * 1000)
+        held.append(sock)
+    try:
+        wait_for(lambda: len([n for n in os.listdir(upload_dir(web)) if n.endswith('.part')]) == 4, 10, '4 uploads')
+        with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+            r = requests.post(web.url + '/v1/audio/transcriptions', files={'file': f}, data={'model': 'm'},
+                              headers=AUTH)
+        assert r.status_code == 503 and r.headers['Retry-After'] == '2' and 'too many uploads' in error_of(r)
+    finally:
+        for sock in held:
+            sock.close()        # cut short: each is answered 400 and its .part removed
+    wait_for(lambda: os.listdir(upload_dir(web)) == [], 10, 'partial uploads removed')
+    with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+        r = requests.post(web.url + '/v1/audio/transcriptions', files={'file': f}, data={'model': 'm'}, headers=AUTH)
+    assert r.status_code == 200
+    web.sids.append(r.headers['X-Speech-ID'])
+
+
 def test_too_many_tasks_is_503_with_retry_after(web, tmp_path):
     path = long_wav(os.path.join(web.data, 'long.wav'), 20)
     sids = []

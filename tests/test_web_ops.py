@@ -105,7 +105,7 @@ def test_schemathesis_finds_no_5xx_and_no_schema_breaks(make_daemon, tmp_path):
         [st, 'run', d.url + '/openapi.json', '-H', 'Authorization: Bearer ' + TOKEN, '--checks',
          'not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,'
          'response_headers_conformance', '--max-examples', '15', '--request-timeout', '60', '--seed', '1'],
-        capture_output=True, text=True, timeout=1200)
+        capture_output=True, text=True, timeout=1200, cwd=str(tmp_path))   # its cache folder goes there
     report.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert 'No issues found' in proc.stdout or 'passed' in proc.stdout
