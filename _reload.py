@@ -27,7 +27,9 @@ def preflight(cfg):
     import _config
     problems = []
     setting = cfg['setting']
-    log_file = os.path.join(setting['log_path'], 'app.log' if setting['mode'] == 'TEST' else 'master.log')
+    log_file = None
+    if setting.get('log_to', 'file') == 'file':     # log_to = stderr writes no log file
+        log_file = os.path.join(setting['log_path'], 'app.log' if setting['mode'] == 'TEST' else 'master.log')
     needs = [('[setting] log_path', setting['log_path'], log_file),
              ('[directory] audio_source_path', cfg['directory']['audio_source_path'], None),
              ('[directory] audio_target_path', cfg['directory']['audio_target_path'], None),
