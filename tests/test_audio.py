@@ -227,6 +227,16 @@ def test_no_files_without_audio_path():
     assert (prepared.audio_wav, prepared.audio_mp3, prepared.channel_files) == (None, None, [])
 
 
+def test_the_mp3_alone_when_no_wav_is_wanted(tmp_path):
+    # keep_wav = false with an embedded engine: the MP3 backup is written, no WAV at all.
+    plain = prepare(fixture('stereo_call.wav'), ENGINE_RATE)
+    prepared = prepare(fixture('stereo_call.wav'), ENGINE_RATE, str(tmp_path), 'call', mp3_backup=True,
+                       write_wav=False)
+    assert (prepared.audio_wav, prepared.audio_mp3, prepared.channel_files) == (None, 'call.mp3', [])
+    assert os.listdir(tmp_path) == ['call.mp3'] and os.path.getsize(tmp_path / 'call.mp3') > 0
+    assert prepared.engine_pcm == plain.engine_pcm
+
+
 def test_rewrite_replaces_earlier_files(tmp_path):
     prepare(fixture('en_morning.wav'), ENGINE_RATE, str(tmp_path), 'same')
     prepare(fixture('en_hello.wav'), ENGINE_RATE, str(tmp_path), 'same')
