@@ -14,12 +14,13 @@ def segments_of(line):
     found = line.get('segments')
     duration = float(line.get('duration') or 0.0)
     out = []
+    stereo = len(line.get('channels') or []) > 1
     if isinstance(found, list) and found:
         for seg in found:
             if isinstance(seg, dict) and str(seg.get('text') or '').strip():
                 item = {'start': float(seg.get('start') or 0.0), 'end': float(seg.get('end') or duration),
                         'text': str(seg['text']).strip()}
-                if seg.get('channel'):
+                if stereo and seg.get('channel'):      # a mono task's segments are all channel A
                     item['channel'] = seg['channel']
                 out.append(item)
         out.sort(key=lambda s: (s['start'], s.get('channel') or ''))

@@ -72,7 +72,8 @@ def test_openai_package_in_every_format(web):
     with open(path, 'rb') as f:
         subs = list(srt.parse(c.audio.transcriptions.create(model='whisper-1', file=f, response_format='srt')))
     assert [s.content for s in subs] == [expected['en_hello.wav']]
-    assert subs[0].start.total_seconds() == 0 and abs(subs[0].end.total_seconds() - 2.421) < 0.01
+    # The cue is the utterance the engine heard: inside the 2.421 s file, around the speech.
+    assert 0 <= subs[0].start.total_seconds() < 0.5 and 1.5 < subs[0].end.total_seconds() <= 2.43, subs
     with open(path, 'rb') as f:
         vtt = webvtt.from_string(c.audio.transcriptions.create(model='whisper-1', file=f, response_format='vtt'))
     assert [cap.text for cap in vtt.captions] == [expected['en_hello.wav']]
