@@ -389,7 +389,10 @@ def test_a_file_written_slowly_is_taken_only_after_it_stops_growing(make_daemon)
     assert rec['data']['transcript'] == TEXTS['en_account.wav'] and rec['request']['fileName'] == 'slow.wav'
     claimed_at = datetime.datetime.strptime(rec['data']['speechID'], '%Y%m%d_%H%M%S_%f')
     assert (claimed_at - last_write).total_seconds() >= 0.9 * d.interval
-    assert open(os.path.join(d.batch, 'done', 'slow.wav'), 'rb').read() == data
+    # The file leaves the drop folder only once its record is on disk: a moment after it.
+    done = os.path.join(d.batch, 'done', 'slow.wav')
+    wait_for(lambda: os.path.exists(done), 30, 'slow.wav moved into done/')
+    assert open(done, 'rb').read() == data
 
 
 def test_empty_hidden_temporary_and_other_files_are_left_alone(make_daemon):
