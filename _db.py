@@ -148,25 +148,10 @@ def _text(value, limit):
     return value[:limit]
 
 
-def _finite(value):
-    """NaN and infinities (json.loads takes them from a request) as null: JSON columns refuse them."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json(value, limit=_JSON):
     if value is None:
         return None
-    try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        text = json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
-    text = _text(text, None)
+    text = _text(_jsonstrict.dumps(value, ensure_ascii=False), None)     # NaN/Infinity as null
     if len(text) > limit:
         text = json.dumps({'truncated': True, 'chars': len(text)})
     return text

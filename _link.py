@@ -3,6 +3,7 @@ the link to it: one socketpair carrying JSON lines, each line a list [kind, ...]
 end is non-blocking and buffered, so a child stuck on a dead NFS mount cannot stop the loop;
 the child is respawned with backoff when it dies and stopped or replaced with the rest.
 """
+import collections
 import json
 import logging
 import signal
@@ -10,7 +11,7 @@ import socket
 import time
 
 import _children
-from _loop import READ, WRITE, send_some
+from _loop import READ, WRITE, drain, send_some, wake_pair
 from _states import LinkMsg
 
 log = logging.getLogger('master')
@@ -58,6 +59,9 @@ class ChildLink:
         self.restarts = 0
         self.stopping = False
         self.reloading = False
+        # Notices for the child from the reporter thread (post()), sent from the loop (tell()).
+        self.notices = collections.deque()
+        self.notify_r, self.notify_w = wake_pair()
 
     # ------------------------------------------------------------ what subclasses give
 
@@ -77,6 +81,28 @@ class ChildLink:
     def on_gone(self):
         """Called once the child has exited and its end is closed."""
 
+    def tell(self, notice):
+        """Send one notice that post() queued (in the master's loop)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ notices from the reporter thread
+
+    def post(self, notice):
+        """Queue `notice` for the child and wake the loop (called from the reporter thread)."""
+        self.notices.append(notice)
+        try:
+            self.notify_w.send(b'\0')
+        except OSError:
+            pass            # full: the loop is already woken
+
+    def _on_notify(self, mask):
+        drain(self.notify_r)
+        self.flush_notices()
+
+    def flush_notices(self):
+        while self.notices:
+            self.tell(self.notices.popleft())
+
     # ------------------------------------------------------------ process
 
     @property
@@ -84,6 +110,7 @@ class ChildLink:
         return self.proc is None
 
     def start(self):
+        self.loop.add(self.notify_r, self._on_notify, self)
         if self.enabled:
             self.spawn()
 
@@ -191,6 +218,7 @@ class ChildLink:
     # ------------------------------------------------------------ the master's timers and commands
 
     def tick(self, now):
+        self.flush_notices()
         if self.sock is None and self.respawn_at is not None and now >= self.respawn_at \
                 and not self.stopping and self.enabled:
             self.spawn()

@@ -77,17 +77,10 @@ def write_file(path, text):
 
 # ---------------------------------------------------------------- the answers
 
-def cues(body):
-    """[(start, end, text)]: the answer's segments when the engine gave them, else one cue
-    for the whole call."""
-    out = []
-    for seg in body.get('segments') or ():
-        if isinstance(seg, dict) and 'start' in seg and 'end' in seg:
-            text = seg.get('text', seg.get('transcript', seg.get('result', '')))
-            if text:
-                out.append((float(seg['start']), float(seg['end']), str(text)))
-    if out or not body.get('transcript'):
-        return out
+def one_cue(body):
+    """An answer without segments as one cue for the whole call ([] with no transcript)."""
+    if not body.get('transcript'):
+        return []
     return [(0.0, float(body.get('duration') or 0.0), body['transcript'])]
 
 
@@ -109,7 +102,7 @@ def render(fmt, path, body):
         import _segments
         return _segments.RENDER[fmt](body['segments'], stereo=len(body.get('channels') or ()) > 1)
     lines = ['WEBVTT', ''] if fmt == 'vtt' else []
-    for n, (start, end, text) in enumerate(cues(body), 1):
+    for n, (start, end, text) in enumerate(one_cue(body), 1):
         if fmt == 'srt':
             lines.append(str(n))
         sep = ',' if fmt == 'srt' else '.'

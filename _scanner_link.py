@@ -5,7 +5,6 @@ scanner that a task ended only once its record is written.
 It is also a reporter sink (handle() runs in the reporter thread, after the records file):
 that is how "ended" is never told before the record exists.
 """
-import collections
 import logging
 import os
 
@@ -13,7 +12,6 @@ import _config
 import _packet
 import _scanner
 from _link import ChildLink
-from _loop import drain, wake_pair
 from _packet import RequestError
 from _records import FINAL
 from _states import LinkMsg, Result, Source
@@ -33,8 +31,6 @@ class ScannerLink(ChildLink):
         self.admit = admit
         self.available = available
         self.active = set()                     # speechIDs admitted whose end the scanner has not been told
-        self.notices = collections.deque()      # (speechID, result, state, message) from the reporter thread
-        self.notify_r, self.notify_w = wake_pair()
         self.engine_told = None
 
     @property
@@ -43,10 +39,6 @@ class ScannerLink(ChildLink):
 
     def target(self, sock, cfg, master_pid, close_fds):
         _scanner.main(sock, cfg, master_pid, close_fds)
-
-    def start(self):
-        self.loop.add(self.notify_r, self._on_notify, self)
-        super().start()
 
     def on_spawned(self):
         self.engine_told = None
@@ -95,24 +87,14 @@ class ScannerLink(ChildLink):
     # ------------------------------------------------------------ reporter sink (reporter thread)
 
     def handle(self, event, record):
-        if event != FINAL or record.source != Source.SCANNER:
-            return
-        self.notices.append((record.speech_id, record.result.value, record.state.value, record.message or ''))
-        try:
-            self.notify_w.send(b'\0')
-        except OSError:
-            pass            # full: the loop is already woken
+        if event == FINAL and record.source == Source.SCANNER:
+            self.post((record.speech_id, record.result.value, record.state.value, record.message or ''))
 
-    def _on_notify(self, mask):
-        drain(self.notify_r)
-        self.flush_notices()
-
-    def flush_notices(self):
-        while self.notices:
-            sid, result, state, message = self.notices.popleft()
-            self.active.discard(sid)
-            # With no scanner to tell, the next one finds the record at its start.
-            self.send(LinkMsg.ENDED, sid, result, state, message[:_scanner.REASON_MAX])
+    def tell(self, notice):
+        sid, result, state, message = notice
+        self.active.discard(sid)
+        # With no scanner to tell, the next one finds the record at its start.
+        self.send(LinkMsg.ENDED, sid, result, state, message[:_scanner.REASON_MAX])
 
     # ------------------------------------------------------------ the master's timers
 
@@ -123,7 +105,6 @@ class ScannerLink(ChildLink):
             self.engine_told = available
 
     def tick(self, now):
-        self.flush_notices()
         if self.sock is not None:
             self.tell_engine()
         super().tick(now)

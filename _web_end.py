@@ -5,12 +5,10 @@ from the master's state, and passes it every finished task's record once it is w
 It is a reporter sink (handle() runs in the reporter thread, after the records file), so the
 web never answers a transcription before its record exists.
 """
-import collections
 import logging
 
 import _packet
 from _link import ChildLink
-from _loop import drain, wake_pair
 from _packet import RequestError
 from _records import FINAL
 from _states import LinkMsg, Result, Source
@@ -28,8 +26,6 @@ class WebLink(ChildLink):
         super().__init__(loop, cfg, master_pid, extra_fds)
         self.admit = admit
         self.snapshot = snapshot
-        self.notices = collections.deque()      # records lines from the reporter thread
-        self.notify_r, self.notify_w = wake_pair()
 
     @property
     def enabled(self):
@@ -38,10 +34,6 @@ class WebLink(ChildLink):
     def target(self, sock, cfg, master_pid, close_fds):
         import _web     # the HTTP server's modules are the web process's business only
         _web.main(sock, cfg, master_pid, close_fds)
-
-    def start(self):
-        self.loop.add(self.notify_r, self._on_notify, self)
-        super().start()
 
     def on_message(self, kind, msg):
         if kind == LinkMsg.SUBMIT and len(msg) > 2:
@@ -68,26 +60,12 @@ class WebLink(ChildLink):
     # ------------------------------------------------------------ reporter sink (reporter thread)
 
     def handle(self, event, record):
-        if event != FINAL or not self.enabled:
-            return
-        self.notices.append(record.to_line())
-        try:
-            self.notify_w.send(b'\0')
-        except OSError:
-            pass            # full: the loop is already woken
+        if event == FINAL and self.enabled:
+            self.post(record.to_line())
 
-    def _on_notify(self, mask):
-        drain(self.notify_r)
-        self.flush_notices()
-
-    def flush_notices(self):
-        while self.notices:
-            # With no web process to tell, the record is still in records/ for the next one.
-            self.send(LinkMsg.ENDED, self.notices.popleft())
-
-    def tick(self, now):
-        self.flush_notices()
-        super().tick(now)
+    def tell(self, line):
+        # With no web process to tell, the record is still in records/ for the next one.
+        self.send(LinkMsg.ENDED, line)
 
 
 def admit_http(tasks):

@@ -4,6 +4,8 @@ Segments come from the record when the worker gave them; otherwise one per chann
 """
 import json
 
+import _segments
+
 FORMATS = ('json', 'text', 'srt', 'vtt', 'verbose_json')
 TEXT_TYPES = {'text': 'text/plain; charset=utf-8', 'srt': 'application/x-subrip; charset=utf-8',
               'vtt': 'text/vtt; charset=utf-8'}
@@ -40,30 +42,14 @@ def transcript_of(line):
     return str((line.get('data') or {}).get('transcript') or '')
 
 
-def _label(seg):
-    return '%s: %s' % (seg['channel'], seg['text']) if seg.get('channel') else seg['text']
-
-
-def _clock(secs, sep):
-    ms = int(round(max(0.0, secs) * 1000))
-    h, ms = divmod(ms, 3600000)
-    m, ms = divmod(ms, 60000)
-    s, ms = divmod(ms, 1000)
-    return '%02d:%02d:%02d%s%03d' % (h, m, s, sep, ms)
-
-
 def srt(line):
-    blocks = []
-    for i, seg in enumerate(segments_of(line), 1):
-        blocks.append('%d\n%s --> %s\n%s\n' % (i, _clock(seg['start'], ','), _clock(seg['end'], ','), _label(seg)))
-    return '\n'.join(blocks)
+    segs = segments_of(line)
+    return _segments.to_srt(segs, stereo=any(seg.get('channel') for seg in segs))
 
 
 def vtt(line):
-    blocks = ['WEBVTT\n']
-    for seg in segments_of(line):
-        blocks.append('%s --> %s\n%s\n' % (_clock(seg['start'], '.'), _clock(seg['end'], '.'), _label(seg)))
-    return '\n'.join(blocks)
+    segs = segments_of(line)
+    return _segments.to_vtt(segs, stereo=any(seg.get('channel') for seg in segs))
 
 
 def verbose_json(line, language, words=False):

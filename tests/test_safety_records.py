@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from conftest import FIXTURES, expected_texts, transcribe_req, wait_for
-from helpers import db_section, rows
+from helpers import db_section, monitor, rows
 
 TEXTS = expected_texts()
 
@@ -93,17 +93,6 @@ def claimed(d):
         if os.path.basename(folder) == '.processing':
             out += files
     return sorted(out)
-
-
-def monitor(d):
-    c = d.client()
-    try:
-        c.send(1003, {'type': 'all'})
-        ptype, body = c.recv(10)
-    finally:
-        c.close()
-    assert ptype == 2003
-    return body
 
 
 def ask(d, req, timeout=120):

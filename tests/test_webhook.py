@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from conftest import expected_texts, free_port, transcribe_req, wait_for
+from helpers import monitor
 import _webhook
 from _records import FINAL, TaskRecord
 from _webhook import Outbox, Settings, WebhookSink
@@ -511,17 +512,6 @@ def webhook_ini(url, **kw):
                 backoff_max_secs=0.5, rescan_secs=0.3)
     opts.update(kw)
     return '[webhook]\n' + ''.join('%s = %s\n' % kv for kv in opts.items())
-
-
-def monitor(d):
-    c = d.client()
-    try:
-        c.send(1003, {'type': 'all'})
-        ptype, body = c.recv(10)
-    finally:
-        c.close()
-    assert ptype == 2003
-    return body
 
 
 def outbox_entries(d):
