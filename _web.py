@@ -1,8 +1,9 @@
-"""The web process (`svcmgr: web`): a threaded HTTP server (the API, the dashboard, /metrics)
-and its end of the link to the master. Requests become tasks only through the master's
-admission; what it shows comes from the master's snapshot and the records of ended tasks.
-The master respawns it when it dies; uploads it leaves half-written are removed at its start.
+"""The web process (`svcmgr: web`): a FastAPI application served by uvicorn (the API, the
+dashboard, /metrics) and its end of the link to the master. Requests become tasks only through
+the master's admission; what it shows comes from the master's snapshot and the records of ended
+tasks. The master respawns it when it dies; uploads it leaves half-written are removed at its start.
 """
+import asyncio
 import collections
 import glob
 import itertools
@@ -12,7 +13,6 @@ import os
 import socket
 import threading
 import time
-from http.server import ThreadingHTTPServer
 
 import _children
 import _config
@@ -23,10 +23,49 @@ log = logging.getLogger('web')
 
 RECENT = 5000                # finished tasks kept for the dashboard and the task list
 STATUS_SECS = 1.0
+GRACEFUL_SECS = 3            # at stop, requests in flight get this long before they are cut
+LISTEN_BACKLOG = 128
 
 
 class MasterGone(Exception):
     """The link to the master is closed or it did not answer in time."""
+
+
+class Waiter(threading.Event):
+    """The end of one admitted task, set by the link's reader thread (the records line travels
+    beside it); a thread waits with wait(), a request on the event loop with `await until(t)`."""
+
+    def __init__(self):
+        super().__init__()
+        self._callbacks = []
+        self._cb_lock = threading.Lock()
+
+    def set(self):
+        super().set()
+        with self._cb_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def _on_set(self, callback):
+        with self._cb_lock:
+            if not self.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    async def until(self, timeout):
+        """True once set, False after `timeout` s; no thread is held while it waits."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def wake():
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(True))
+        self._on_set(wake)
+        try:
+            return await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:
+            return False
 
 
 class MasterLink:
@@ -119,7 +158,7 @@ class MasterLink:
                 if kind == LinkMsg.ADMITTED:
                     # Before the waiting thread wakes: the task's end may be the very next message,
                     # so the waiter travels with the reply.
-                    waiter = self.ended[msg[2]] = [threading.Event(), None]
+                    waiter = self.ended[msg[2]] = [Waiter(), None]
                     msg = msg + [waiter]
                 slot = self.replies.get(msg[1])
             if slot is not None:
@@ -203,14 +242,17 @@ def _unlink(path):
 _STATE = {'stopping': False}
 
 
-class WebServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self, address, handler, app):
-        self.address_family = socket.AF_INET6 if ':' in address[0] else socket.AF_INET
-        super().__init__(address, handler)
-        self.app = app
+def listen(ip, port):
+    """The listening socket, bound before uvicorn starts so a port in use fails the start."""
+    sock = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((ip, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Web:
@@ -225,7 +267,8 @@ class Web:
         self.tokens = [t.encode('utf-8') for t in h['tokens']]
         self.max_upload = int(float(h['max_upload_mb']) * (1 << 20))
         self.upload_dir = os.path.realpath(h['upload_path'])
-        self.uploads = threading.BoundedSemaphore(int(h['max_uploads']))
+        self.max_uploads = int(h['max_uploads'])
+        self.uploading = 0                  # uploads being received (only the event loop counts)
         self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]   # not upload_path
         self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
         self.outbox_dir = os.path.join(self.records_dir, 'webhook')
@@ -240,11 +283,12 @@ class Web:
         if not _children.become_child(self, self.cfg, 'svcmgr: web', 'web', self.master_pid,
                                       self.close_fds, keep=(self.sock.fileno(),)):
             return
-        import _web_api   # the handler and what it needs, only in this process
+        import uvicorn      # the server and the application, only in this process
+        import _web_api
         self.sock.setblocking(True)
         h = self.cfg['http']
         try:
-            server = WebServer((h['ip'], int(h['port'])), _web_api.Handler, self)
+            listener = listen(h['ip'], int(h['port']))
         except OSError as exc:
             log.error('web: cannot listen on %s:%s: %s', h['ip'], h['port'], exc)
             raise SystemExit(1)
@@ -252,11 +296,18 @@ class Web:
         threading.Thread(target=self.link.reader, name='link', daemon=True).start()
         self.link.load_recent(self.records_dir)
         self.link.adopt_uploads()
-        threading.Thread(target=server.serve_forever, args=(0.2,), name='http', daemon=True).start()
+        # uvicorn in a thread of its own: it installs no signal handlers there, so SIGTERM stays
+        # become_child's flag and the loop below (the link, the status, log reopening) decides.
+        server = uvicorn.Server(uvicorn.Config(
+            _web_api.build(self), http='h11', loop='asyncio', lifespan='on', log_config=None,
+            access_log=False, server_header=False, timeout_graceful_shutdown=GRACEFUL_SECS))
+        http = threading.Thread(target=server.run, kwargs={'sockets': [listener]}, name='http', daemon=True)
+        http.start()
         log.info('web: listening on http://%s:%s (pid %d)', h['ip'], h['port'], os.getpid())
-        self.loop()
-        server.shutdown()
-        server.server_close()
+        self.loop(http)
+        server.should_exit = True
+        http.join(GRACEFUL_SECS + 2)
+        listener.close()
         log.info('web: stopped')
 
     # ------------------------------------------------------------ what the routes read from disk
@@ -304,9 +355,12 @@ class Web:
         log.info('web: failed webhook delivery %s redelivered', name)
         return box.redeliver(name)
 
-    def loop(self):
+    def loop(self, http):
         sent = None
         while not (self.stopping or _STATE['stopping'] or self.link.closed):
+            if not http.is_alive():
+                log.error('web: the HTTP server ended by itself')
+                raise SystemExit(1)
             if os.getppid() != self.master_pid:
                 log.warning('web: master is gone, exiting')
                 return

@@ -1,26 +1,35 @@
-"""The web process's request handler: routing, bearer tokens, JSON and error bodies, and the
-routes themselves: OpenAI-compatible transcription, the task API, health, /metrics, the
-dashboard and its data, the OpenAPI document.
+"""The web process's FastAPI application: bearer tokens, JSON error bodies, and the routes:
+OpenAI-compatible transcription, the task API, health, /metrics, the dashboard and its data,
+the OpenAPI document and its Swagger UI (served from a pinned package, nothing from elsewhere).
+Uploads are read from the ASGI receive channel by _web_upload, never spooled by the framework.
 """
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
-import sys
 import re
-import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler
+import sys
+from typing import Literal, Optional
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 import _config
-import _openapi
 import _web_formats as fmt
 import _web_metrics
+import _web_models as m
 from _packet import SPEECH_ID_RE, SPEECH_ID_RULE
 from _records import stamp
 from _states import Result, State
 from _web import MasterGone
-from _web_upload import BodyError, TooLarge, Upload
+from _web_upload import BodyError, TooLarge, Upload, body_chunks
 
 log = logging.getLogger('web')
 
@@ -31,9 +40,16 @@ DASHBOARD = next((p for p in (os.path.join(HERE, 'web', 'dashboard.html'),
                   if os.path.exists(p)), os.path.join(HERE, 'web', 'dashboard.html'))
 RETRY_AFTER = '2'
 DRAIN_BYTES, DRAIN_SECS = 64 << 20, 5.0
+JSON_MAX = 1 << 20
+# Threads for the routes that block on the master's answer (a few seconds at most): the long
+# waits of synchronous transcriptions are awaited on the event loop and hold none.
+THREADS = 32
 GRANULARITIES = ('word', 'segment')
 LANGUAGES = {'pocketsphinx': 'en', 'vosk': 'ko', 'remote': 'ko'}
 DECODE_STATES = (State.UNKNOWN_FORMAT.value, State.NOFILE_WAV.value, State.NOFILE_ID.value)
+OPEN = ('/healthz',)
+QUERY_TOKEN = ('/', '/docs')        # pages a browser opens: ?token= is taken there too
+WEBHOOK_NAME = re.compile(r'[A-Za-z0-9._:~-]+')
 
 
 class HTTPError(Exception):
@@ -71,44 +87,128 @@ def failure(line):
     return HTTPError(500, message, 'server_error', result, sid)
 
 
-# ---------------------------------------------------------------- uploads and tasks
+def json_response(status, obj, headers=None):
+    return Response(json.dumps(obj, ensure_ascii=False).encode('utf-8'), status, headers,
+                    media_type='application/json')
 
-def read_upload(h):
+
+def web_of(request):
+    return request.app.state.web
+
+
+def snapshot(web, timeout=5.0, tasks=True):
+    try:
+        return web.link.snapshot(timeout, tasks)
+    except MasterGone as exc:
+        raise HTTPError(503, str(exc), 'server_error', Result.UNAVAILABLE.value, {'Retry-After': RETRY_AFTER}) from None
+
+
+def authorize(request: Request):
+    """Every route but /healthz wants a bearer token once [http] tokens are set."""
+    web = web_of(request)
+    path = request.url.path
+    if not web.tokens or path in OPEN:
+        return
+    given = request.headers.get('authorization') or ''
+    token = given[7:].strip() if given[:7].lower() == 'bearer ' else ''
+    if not token and path in QUERY_TOKEN:
+        token = request.query_params.get('token', '')   # the page sends it as Bearer after
+    token = token.encode('utf-8')
+    if not any(hmac.compare_digest(token, t) for t in web.tokens):
+        raise HTTPError(401, 'a valid bearer token is required', 'authentication_error',
+                        headers={'WWW-Authenticate': 'Bearer'})
+
+
+# ---------------------------------------------------------------- request bodies
+
+def body_pending(request):
+    """True when the client sent a body that nobody has read to its end."""
+    if getattr(request.state, 'body_done', False):
+        return False
+    length = (request.headers.get('content-length') or '').strip()
+    return length not in ('', '0') or 'transfer-encoding' in request.headers
+
+
+async def drain(request):
+    """Before an error answer: read what the client still sends (and drop it), so it sees the
+    answer instead of a reset connection; bounded in bytes and time."""
+    if not body_pending(request):
+        return
+    request.state.body_done = True
+    left = DRAIN_BYTES
+    try:
+        async with asyncio.timeout(DRAIN_SECS):
+            async for chunk in body_chunks(request.receive, DRAIN_SECS):
+                left -= len(chunk)
+                if left <= 0:
+                    return
+    except (TimeoutError, BodyError):
+        pass
+
+
+async def read_upload(request):
     """The multipart body with its file on disk (`.part` removed); HTTPError when unusable."""
-    app = h.app
-    if not app.uploads.acquire(blocking=False):
+    web = web_of(request)
+    if web.uploading >= web.max_uploads:
         raise HTTPError(503, 'too many uploads at once; try again shortly', 'server_error',
                         Result.TOO_MANY.value, {'Retry-After': RETRY_AFTER})
-    up = Upload(app.upload_dir, app.max_upload)
-    app.counts['uploads'] += 1
+    web.uploading += 1
+    web.counts['uploads'] += 1
+    up = Upload(web.upload_dir, web.max_upload)
+    kept = False
     try:
-        up.read(h.rfile, h.headers)
+        await up.read(request.receive, request.headers)
+        request.state.body_done = up.body_done
         if not up.path:
             raise BodyError(400, 'the form has no "file" part')
         up.finish()
-        h.body_done = True
+        kept = True
     except BodyError as exc:
-        up.discard()
+        request.state.body_done = up.body_done
         if isinstance(exc, TooLarge):
-            app.counts['uploadsTooLarge'] += 1
+            web.counts['uploadsTooLarge'] += 1
         raise HTTPError(exc.status, exc.message) from None
-    except OSError:
-        up.discard()
-        raise
     finally:
-        app.uploads.release()
+        web.uploading -= 1
+        if not kept:
+            up.discard()
     return up
 
 
-def submit(h, req, upload=None):
-    """Admit `req` through the master; returns (speechID, waiter) or raises HTTPError."""
+async def read_json(request):
     try:
-        kind, *rest = h.app.link.submit(req, upload)
+        n = int(request.headers.get('content-length') or 0)
+    except ValueError:
+        n = -1
+    if not 0 < n <= JSON_MAX:
+        raise HTTPError(400, 'a JSON body of 1 byte to %d bytes with Content-Length is required' % JSON_MAX)
+    data = bytearray()
+    try:
+        async for chunk in body_chunks(request.receive):
+            data += chunk
+    except BodyError as exc:
+        raise HTTPError(exc.status, exc.message) from None
+    request.state.body_done = True
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPError(400, 'the body is not JSON') from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, 'the body must be a JSON object')
+    return body
+
+
+# ---------------------------------------------------------------- tasks
+
+def submit(web, req, upload=None):
+    """Admit `req` through the master (blocking: run in a thread); (speechID, waiter) or HTTPError."""
+    try:
+        kind, *rest = web.link.submit(req, upload)
     except MasterGone as exc:
         raise HTTPError(503, str(exc), 'server_error', Result.UNAVAILABLE.value, {'Retry-After': RETRY_AFTER})
     if kind != 'admitted':
         raise refusal(*rest)
-    h.app.counts['tasks'] += 1
+    web.counts['tasks'] += 1
     return rest
 
 
@@ -124,145 +224,161 @@ def upload_request(up, fields):
     return req
 
 
-def transcriptions(h, match, query):
-    up = read_upload(h)
-    try:
-        f = up.fields
-        rformat = f.get('response_format') or 'json'
-        if rformat not in fmt.FORMATS:
-            raise HTTPError(400, 'response_format must be one of %s' % ', '.join(fmt.FORMATS))
-        grans = [g.strip() for g in (f.get('timestamp_granularities[]') or f.get('timestamp_granularities')
-                                     or '').split(',') if g.strip()]
-        if any(g not in GRANULARITIES for g in grans):
-            raise HTTPError(400, 'timestamp_granularities[] takes word and segment')
-        language = f.get('language') or LANGUAGES.get(h.app.engine, 'en')
-        req = upload_request(up, f)
-        req.update(model=f.get('model', '')[:200], language=language[:20])
-        sid, waiter = submit(h, req, up.path)
-    except HTTPError:
-        up.discard()
-        raise
-    line = wait_end(h, sid, waiter)
-    if str(line['data'].get('result')) != Result.OK.value:
-        raise failure(line)
-    ctype, body = fmt.render(line, rformat, language, grans)
-    h.send_body(200, ctype, body, {'X-Speech-ID': sid})
+def transcription_request(web, up):
+    """(task request, response_format, language, granularities) of an upload's form fields."""
+    f = up.fields
+    rformat = f.get('response_format') or 'json'
+    if rformat not in fmt.FORMATS:
+        raise HTTPError(400, 'response_format must be one of %s' % ', '.join(fmt.FORMATS))
+    grans = [g.strip() for g in (f.get('timestamp_granularities[]') or f.get('timestamp_granularities')
+                                 or '').split(',') if g.strip()]
+    if any(g not in GRANULARITIES for g in grans):
+        raise HTTPError(400, 'timestamp_granularities[] takes word and segment')
+    language = f.get('language') or LANGUAGES.get(web.engine, 'en')
+    req = upload_request(up, f)
+    req.update(model=f.get('model', '')[:200], language=language[:20])
+    return req, rformat, language, grans
 
 
-def wait_end(h, sid, waiter):
-    if waiter is None or not waiter[0].wait(h.app.timeout + 30) or waiter[1] is None:
+async def wait_end(web, sid, waiter):
+    if waiter is None or not await waiter[0].until(web.timeout + 30) or waiter[1] is None:
         raise HTTPError(504, 'speechID %s did not end in time here; see GET /v1/tasks/%s' % (sid, sid),
                         'server_error')
     return waiter[1]
 
 
-def create_task(h, match, query):
-    ctype = (h.headers.get('Content-Type') or '').lower()
-    if ctype.startswith('multipart/'):
-        up = read_upload(h)
-        try:
-            sid, _ = submit(h, upload_request(up, up.fields), up.path)
-        except HTTPError:
-            up.discard()
-            raise
-    else:
-        body = h.read_json()
-        path = body.get('path')
-        if not isinstance(path, str) or not os.path.isabs(path):
-            raise HTTPError(400, 'path must be an absolute path of a file under the allowed roots')
-        real = os.path.realpath(path)
-        if not _config.inside(real, h.app.roots) or _config.inside(real, [h.app.upload_dir]):
-            raise HTTPError(403, '%s is outside the allowed roots' % path, 'permission_error',
-                            Result.BAD_REQUEST.value)
-        req = {'filePath': os.path.dirname(path), 'fileID': os.path.basename(path)}
-        for key in ('speechID', 'domainName', 'domainCode'):
-            if key in body:
-                if not isinstance(body[key], str):
-                    raise HTTPError(400, '%s must be a string' % key)
-                req[key] = body[key]
-        if 'speechID' in req and not SPEECH_ID_RE.fullmatch(req['speechID']):
-            raise HTTPError(400, SPEECH_ID_RULE, code=Result.BAD_REQUEST.value)
-        sid, _ = submit(h, req)
-    h.send_json(202, {'speechID': sid, 'state': State.INIT.value, 'href': '/v1/tasks/%s' % sid},
-                {'Location': '/v1/tasks/%s' % sid})
-
-
-def find_task(h, sid):
+def find_task(web, sid):
     """(finished records line or None, running row or None) of a speechID."""
     if not SPEECH_ID_RE.fullmatch(sid):
         raise HTTPError(400, SPEECH_ID_RULE)
-    link = h.app.link
+    link = web.link
     for line in reversed(link.recent):
         if line['data'].get('speechID') == sid:
             return line, None
-    for row in h.snapshot()['tasks']:
+    for row in snapshot(web)['tasks']:
         if row['speechID'] == sid:
             return None, row
     with link.lock:
         waiter = link.ended.get(sid)
     if waiter is not None and waiter[0].wait(5) and waiter[1] is not None:
         return waiter[1], None      # it ended between the two looks
-    line = h.app.find_record(sid)
+    line = web.find_record(sid)
     if line is None:
         raise HTTPError(404, 'no task with speechID %s' % sid, code=Result.NOT_FOUND.value)
     return line, None
 
 
-def get_task(h, match, query):
-    line, row = find_task(h, match.group(1))
-    h.send_json(200, fmt.task_object(line) if line else fmt.running_object(row))
+api = APIRouter(dependencies=[Depends(authorize)])
+UPLOAD_ERRORS = (400, 401, 403, 408, 409, 413, 503)
 
 
-def get_transcript(h, match, query):
-    line, row = find_task(h, match.group(1))
-    if line is None:
-        raise HTTPError(409, 'speechID %s has not ended yet (state %s)' % (row['speechID'], row['state']))
-    kind = match.group(2)
-    if kind == 'txt':
-        kind = 'text'
-    ctype, body = fmt.render(line, kind, '')
-    h.send_body(200, ctype, body)
-
-
-def list_tasks(h, match, query):
-    state = query.get('state')
+@api.post('/v1/audio/transcriptions', summary='Transcribe an upload (OpenAI-compatible); answers when the task ends',
+          response_model=m.Transcription, openapi_extra=m.TRANSCRIPTION_BODY,
+          responses={**m.text_ok('text/plain', 'application/x-subrip', 'text/vtt', model=m.Transcription),
+                     **m.errors(*UPLOAD_ERRORS, 404, 500, 504)})
+async def transcriptions(request: Request):
+    web = web_of(request)
+    up = await read_upload(request)
     try:
-        since = float(query.get('since') or 0)
-        limit = int(query.get('limit') or 100)
-    except ValueError:
-        raise HTTPError(400, 'since is epoch seconds and limit an integer') from None
-    if not 0 <= since < 1e11:
-        raise HTTPError(400, 'since must be epoch seconds (0 to 1e11)')
-    if not 1 <= limit <= 1000:
-        raise HTTPError(400, 'limit must be 1 to 1000')
+        req, rformat, language, grans = transcription_request(web, up)
+        sid, waiter = await run_in_threadpool(submit, web, req, up.path)
+    except HTTPError:
+        up.discard()
+        raise
+    line = await wait_end(web, sid, waiter)
+    if str(line['data'].get('result')) != Result.OK.value:
+        raise failure(line)
+    ctype, body = fmt.render(line, rformat, language, grans)
+    return Response(body, 200, {'X-Speech-ID': sid}, media_type=ctype)
+
+
+def task_by_path(web, body):
+    path = body.get('path')
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise HTTPError(400, 'path must be an absolute path of a file under the allowed roots')
+    real = os.path.realpath(path)
+    if not _config.inside(real, web.roots) or _config.inside(real, [web.upload_dir]):
+        raise HTTPError(403, '%s is outside the allowed roots' % path, 'permission_error', Result.BAD_REQUEST.value)
+    req = {'filePath': os.path.dirname(path), 'fileID': os.path.basename(path)}
+    for key in ('speechID', 'domainName', 'domainCode'):
+        if key in body:
+            if not isinstance(body[key], str):
+                raise HTTPError(400, '%s must be a string' % key)
+            req[key] = body[key]
+    if 'speechID' in req and not SPEECH_ID_RE.fullmatch(req['speechID']):
+        raise HTTPError(400, SPEECH_ID_RULE, code=Result.BAD_REQUEST.value)
+    return req
+
+
+@api.post('/v1/tasks', status_code=202, summary='Queue a task (an upload or a path); answers 202 at once',
+          response_model=m.Accepted, openapi_extra=m.TASK_BODY, responses=m.errors(*UPLOAD_ERRORS))
+async def create_task(request: Request):
+    web = web_of(request)
+    if (request.headers.get('content-type') or '').lower().startswith('multipart/'):
+        up = await read_upload(request)
+        try:
+            sid, _ = await run_in_threadpool(submit, web, upload_request(up, up.fields), up.path)
+        except HTTPError:
+            up.discard()
+            raise
+    else:
+        req = task_by_path(web, await read_json(request))
+        sid, _ = await run_in_threadpool(submit, web, req)
+    return json_response(202, {'speechID': sid, 'state': State.INIT.value, 'href': '/v1/tasks/%s' % sid},
+                         {'Location': '/v1/tasks/%s' % sid})
+
+
+@api.get('/v1/tasks', summary='Tasks in progress and recently ended, newest first', response_model=m.TaskList,
+         responses=m.errors(400, 401, 503))
+def list_tasks(request: Request, state: Optional[str] = None, since: float = Query(0, ge=0, lt=1e11),
+               limit: int = Query(100, ge=1, le=1000)):
+    web = web_of(request)
     if state is not None and state not in State.__members__:
         raise HTTPError(400, 'state must be one of %s' % ', '.join(State.__members__))
-    out = [fmt.running_object(r) for r in h.snapshot()['tasks'] if r['created'] >= since]
+    out = [fmt.running_object(r) for r in snapshot(web)['tasks'] if r['created'] >= since]
     out.sort(key=lambda t: t['startTime'], reverse=True)
-    for line in reversed(h.app.link.recent):
+    for line in reversed(web.link.recent):
         out.append(fmt.task_object(line))
     if since:
-        out = [t for t in out if t['startTime'] and t['startTime'] >= _stamp_of(since)]
+        out = [t for t in out if t['startTime'] and t['startTime'] >= stamp(since)]
     if state:
         out = [t for t in out if t['state'] == state]
-    h.send_json(200, {'tasks': out[:limit]})
+    return json_response(200, {'tasks': out[:limit]})
 
 
-def _stamp_of(epoch):
-    return stamp(epoch)
+@api.get('/v1/tasks/{speechID}', summary='One task: state, result, transcript, channels, timings',
+         response_model=m.Task, responses=m.errors(400, 401, 404, 503))
+def get_task(request: Request, speechID: str):
+    line, row = find_task(web_of(request), speechID)
+    return json_response(200, fmt.task_object(line) if line else fmt.running_object(row))
+
+
+@api.get('/v1/tasks/{speechID}/transcript.{kind}', summary='The transcript of an ended task as SRT, WebVTT or text',
+         response_class=Response,
+         responses={**m.text_ok('application/x-subrip', 'text/vtt', 'text/plain'), **m.errors(400, 401, 404, 409, 503)})
+def get_transcript(request: Request, speechID: str, kind: Literal['srt', 'vtt', 'txt']):
+    line, row = find_task(web_of(request), speechID)
+    if line is None:
+        raise HTTPError(409, 'speechID %s has not ended yet (state %s)' % (row['speechID'], row['state']))
+    ctype, body = fmt.render(line, 'text' if kind == 'txt' else kind, '')
+    return Response(body, 200, media_type=ctype)
 
 
 # ---------------------------------------------------------------- health, metrics, dashboard
 
-def healthz(h, match, query):
+health = APIRouter()
+
+
+@health.get('/healthz', summary='The web process and the master answer', response_model=m.Health,
+            responses={503: {'model': m.Health, 'description': 'The master does not answer'}})
+def healthz(request: Request):
     try:
-        snap = h.app.link.snapshot(timeout=2, tasks=False)
+        snap = web_of(request).link.snapshot(timeout=2, tasks=False)
     except MasterGone as exc:
-        h.send_json(503, {'status': 'down', 'web': {'pid': os.getpid()}, 'master': {'answered': False},
-                          'problems': [str(exc)]})
-        return
-    h.send_json(200, {'status': 'ok', 'web': {'pid': os.getpid()},
-                      'master': {'answered': True, 'pid': snap['pid']}, 'problems': []})
+        return json_response(503, {'status': 'down', 'web': {'pid': os.getpid()}, 'master': {'answered': False},
+                                   'problems': [str(exc)]})
+    return json_response(200, {'status': 'ok', 'web': {'pid': os.getpid()},
+                               'master': {'answered': True, 'pid': snap['pid']}, 'problems': []})
 
 
 def readiness(snap):
@@ -289,215 +405,131 @@ def readiness(snap):
     return problems
 
 
-def readyz(h, match, query):
+@api.get('/readyz', summary='Ready for tasks, or what is wrong', response_model=m.Ready,
+         responses={503: {'model': m.Ready, 'description': 'Not ready'}, **m.errors(401)})
+def readyz(request: Request):
     try:
-        problems = readiness(h.snapshot(timeout=2, tasks=False))
+        problems = readiness(snapshot(web_of(request), timeout=2, tasks=False))
     except HTTPError as exc:
         problems = [exc.message]
-    h.send_json(503 if problems else 200, {'ready': not problems, 'problems': problems})
+    return json_response(503 if problems else 200, {'ready': not problems, 'problems': problems})
 
 
-def metrics(h, match, query):
-    h.send_body(200, _web_metrics.CONTENT_TYPE, _web_metrics.exposition(h.snapshot(tasks=False)))
+@api.get('/metrics', summary='Prometheus text format', response_class=Response, responses={**m.text_ok('text/plain'), **m.errors(401, 503)})
+def metrics(request: Request):
+    body = _web_metrics.exposition(snapshot(web_of(request), tasks=False))
+    return Response(body, 200, media_type=_web_metrics.CONTENT_TYPE)
 
 
-def dashboard(h, match, query):
+@api.get('/', include_in_schema=False)
+def dashboard():
     with open(DASHBOARD, 'rb') as f:
-        h.send_body(200, 'text/html; charset=utf-8', f.read(), {'Cache-Control': 'no-store'})
+        return Response(f.read(), 200, {'Cache-Control': 'no-store'}, media_type='text/html; charset=utf-8')
 
 
-def dashboard_data(h, match, query):
-    q = (query.get('q') or '').strip().lower()
+@api.get('/v1/dashboard', summary="The dashboard's data", response_model=m.Dashboard, responses=m.errors(401, 503))
+def dashboard_data(request: Request, q: str = ''):
+    web = web_of(request)
+    q = q.strip().lower()
     recent = []
-    for line in reversed(h.app.link.recent):
+    for line in reversed(web.link.recent):
         if q and q not in str(line['data'].get('speechID', '')).lower() \
                 and q not in str(line['data'].get('transcript', '')).lower():
             continue
         recent.append(fmt.task_object(line))
         if len(recent) >= 50:
             break
-    h.send_json(200, {'snapshot': h.snapshot(), 'recent': recent, 'failedWebhooks': h.app.failed_webhooks()})
+    return json_response(200, {'snapshot': snapshot(web), 'recent': recent, 'failedWebhooks': web.failed_webhooks()})
 
 
-def redeliver(h, match, query):
-    name = match.group(1)
+@api.post('/v1/webhooks/failed/{name}/redeliver', summary='Move a failed webhook delivery back into the outbox',
+          response_model=m.Redelivered, responses=m.errors(401, 404))
+def redeliver(request: Request, name: str):
     try:
-        new = h.app.redeliver(name)
+        if not WEBHOOK_NAME.fullmatch(name):
+            raise FileNotFoundError(name)
+        new = web_of(request).redeliver(name)
     except FileNotFoundError:
         raise HTTPError(404, 'no failed webhook delivery named %s' % name) from None
-    h.send_json(200, {'name': name, 'outbox': new})
+    return json_response(200, {'name': name, 'outbox': new})
 
 
-_OPENAPI = []
+@api.get('/openapi.json', include_in_schema=False)
+def openapi(request: Request):
+    return json_response(200, request.app.openapi())
 
 
-def openapi(h, match, query):
-    if not _OPENAPI:
-        _OPENAPI.append(json.dumps(_openapi.document()).encode('utf-8'))
-    h.send_body(200, 'application/json', _OPENAPI[0])
+@api.get('/docs', include_in_schema=False)
+def docs(request: Request):
+    import _web_docs
+    return Response(_web_docs.page(request.app), 200, media_type='text/html; charset=utf-8')
 
 
-def docs(h, match, query):
-    h.send_body(200, 'text/html; charset=utf-8', _openapi.html())
+# ---------------------------------------------------------------- the application
+
+async def on_http_error(request, exc):
+    if exc.status >= 500 and exc.status != 503:
+        log.warning('web: %s answered %d: %s', request.url.path, exc.status, exc.message)
+    await drain(request)
+    return json_response(exc.status, {'error': {'message': exc.message, 'type': exc.kind, 'code': exc.code}},
+                         exc.headers)
 
 
-ROUTES = [
-    ('GET', r'/healthz', healthz), ('GET', r'/docs', docs), ('GET', r'/readyz', readyz), ('GET', r'/metrics', metrics),
-    ('GET', r'/', dashboard), ('GET', r'/openapi\.json', openapi),
-    ('POST', r'/v1/audio/transcriptions', transcriptions),
-    ('POST', r'/v1/tasks', create_task), ('GET', r'/v1/tasks', list_tasks),
-    ('GET', r'/v1/tasks/([^/]+)', get_task), ('GET', r'/v1/tasks/([^/]+)/transcript\.(srt|vtt|txt)', get_transcript),
-    ('GET', r'/v1/dashboard', dashboard_data),
-    ('POST', r'/v1/webhooks/failed/([A-Za-z0-9._:~-]+)/redeliver', redeliver),
-]
-ROUTES = [(method, re.compile(pattern + r'\Z'), func) for method, pattern, func in ROUTES]
-OPEN = ('/healthz',)
+async def on_invalid(request, exc):
+    where = '; '.join('%s: %s' % ('.'.join(str(p) for p in e.get('loc', ())), e.get('msg')) for e in exc.errors())
+    return await on_http_error(request, HTTPError(400, 'invalid request: %s' % where))
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-    server_version = 'svcmgr-web'
-    # Headers and body go out in two writes: with Nagle on, the body would wait for the
-    # client's delayed ACK of the headers (~40 ms per response).
-    disable_nagle_algorithm = True
-    timeout = 300
+async def on_starlette(request, exc):
+    message = 'no such resource: %s' % request.url.path if exc.status_code == 404 else str(exc.detail)
+    return await on_http_error(request, HTTPError(exc.status_code, message, headers=dict(exc.headers or {})))
 
-    @property
-    def app(self):
-        return self.server.app
 
-    def log_message(self, form, *args):
-        log.debug('web: %s %s', self.address_string(), form % args)
+async def on_bug(request, exc):
+    # The application's one catch-all: a bug answers 500 and the server goes on.
+    log.error('web: %s %s failed', request.method, request.url.path, exc_info=exc)
+    return json_response(500, {'error': {'message': 'internal error; see the log', 'type': 'server_error',
+                                         'code': None}})
 
-    def do_GET(self):
-        self.dispatch('GET')
 
-    def do_POST(self):
-        self.dispatch('POST')
+class Counted:
+    """Counts the requests (the web's status to the master); plain ASGI, so it costs nothing."""
 
-    def do_PUT(self):
-        self.dispatch('PUT')
+    def __init__(self, app, counts):
+        self.app, self.counts = app, counts
 
-    def do_DELETE(self):
-        self.dispatch('DELETE')
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http':
+            self.counts['requests'] += 1
+        await self.app(scope, receive, send)
 
-    def do_PATCH(self):
-        self.dispatch('PATCH')
 
-    def __getattr__(self, name):
-        # Any other method (HEAD, OPTIONS, TRACE, QUERY, ...) gets 405 or 404, never 501.
-        if name.startswith('do_'):
-            return lambda: self.dispatch(name[3:])
-        raise AttributeError(name)
+def build(web):
+    """The FastAPI application of `web` (_web.Web)."""
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS + web.max_uploads
+        yield
 
-    def dispatch(self, method):
-        self.body_done = not (self.headers.get('Content-Length', '0').strip() not in ('', '0')
-                              or self.headers.get('Transfer-Encoding'))
-        self.app.counts['requests'] += 1
-        url = urllib.parse.urlsplit(self.path)
-        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
-        try:
-            func, match = self.route(method, url.path)
-            if url.path not in OPEN and not self.authorized(url.path, query):
-                raise HTTPError(401, 'a valid bearer token is required', 'authentication_error',
-                                headers={'WWW-Authenticate': 'Bearer'})
-            func(self, match, query)
-        except HTTPError as exc:
-            self.send_error_json(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception:  # the handler's one catch-all: a bug answers 500, the server goes on
-            log.error('web: %s %s failed', method, url.path, exc_info=True)
-            self.send_error_json(HTTPError(500, 'internal error; see the log', 'server_error'))
+    app = FastAPI(title='svcmgr HTTP API', version='2.1',
+                  description='Batch speech-to-text: OpenAI-compatible transcription, tasks, health, metrics.',
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.web = web
+    app.include_router(health)
+    app.include_router(api)
+    import _web_docs
+    app.mount(_web_docs.STATIC_URL, StaticFiles(directory=_web_docs.STATIC_DIR), name='docs-static')
+    app.add_exception_handler(HTTPError, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_invalid)
+    app.add_exception_handler(StarletteHTTPException, on_starlette)
+    app.add_exception_handler(Exception, on_bug)
+    app.add_middleware(Counted, counts=web.counts)
+    plain = app.openapi
 
-    def route(self, method, path):
-        allowed = []
-        for m, pattern, func in ROUTES:
-            match = pattern.match(path)
-            if match:
-                if m == method:
-                    return func, match
-                allowed.append(m)
-        if allowed:
-            raise HTTPError(405, 'method %s not allowed on %s' % (method, path), headers={'Allow': ', '.join(allowed)})
-        raise HTTPError(404, 'no such resource: %s' % path)
-
-    def authorized(self, path, query):
-        tokens = self.app.tokens
-        if not tokens:
-            return True
-        given = self.headers.get('Authorization') or ''
-        token = given[7:].strip() if given[:7].lower() == 'bearer ' else ''
-        if not token and path == '/':
-            token = query.get('token', '')      # the dashboard page; it sends the token as Bearer after
-        token = token.encode('utf-8')
-        return any(hmac.compare_digest(token, t) for t in tokens)
-
-    def snapshot(self, timeout=5.0, tasks=True):
-        try:
-            return self.app.link.snapshot(timeout, tasks)
-        except MasterGone as exc:
-            raise HTTPError(503, str(exc), 'server_error', Result.UNAVAILABLE.value,
-                            {'Retry-After': RETRY_AFTER}) from None
-
-    def read_json(self, limit=1 << 20):
-        try:
-            n = int(self.headers.get('Content-Length') or 0)
-        except ValueError:
-            n = -1
-        if not 0 < n <= limit:
-            self.close_connection = True
-            raise HTTPError(400, 'a JSON body of 1 byte to %d bytes with Content-Length is required' % limit)
-        data = self.rfile.read(n)
-        self.body_done = True
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
-            raise HTTPError(400, 'the body is not JSON') from None
-        if not isinstance(body, dict):
-            raise HTTPError(400, 'the body must be a JSON object')
-        return body
-
-    def send_json(self, status, obj, headers=None):
-        self.send_body(status, 'application/json', json.dumps(obj, ensure_ascii=False).encode('utf-8'), headers)
-
-    def send_error_json(self, exc):
-        body = {'error': {'message': exc.message, 'type': exc.kind, 'code': exc.code}}
-        if exc.status >= 500 and exc.status != 503:
-            log.warning('web: %s answered %d: %s', self.path, exc.status, exc.message)
-        if not self.body_done:
-            self.close_connection = True     # what is left of the body cannot be told from a next request
-        try:
-            self.send_json(exc.status, body, exc.headers)
-        except OSError:
-            self.close_connection = True
-            return
-        if not self.body_done:
-            self.drain()
-
-    def send_body(self, status, ctype, body, headers=None):
-        self.send_response(status)
-        self.send_header('Content-Type', ctype)
-        self.send_header('Content-Length', str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header('Connection', 'close')
-        self.end_headers()
-        if self.command != 'HEAD':
-            self.wfile.write(body)
-
-    def drain(self):
-        """After a 413: read what the client still sends (and drop it), so it sees the answer
-        instead of a reset connection; bounded in bytes and time."""
-        deadline, left = time.monotonic() + DRAIN_SECS, DRAIN_BYTES
-        try:
-            self.wfile.flush()
-            while left > 0 and time.monotonic() < deadline:
-                self.connection.settimeout(max(0.05, deadline - time.monotonic()))
-                data = self.connection.recv(1 << 16)
-                if not data:
-                    break
-                left -= len(data)
-        except OSError:
-            pass
+    def document():
+        if app.openapi_schema is None:
+            app.openapi_schema = m.finish(plain())
+        return app.openapi_schema
+    app.openapi = document
+    logging.getLogger('uvicorn.error').setLevel(logging.WARNING)
+    return app

@@ -1,14 +1,16 @@
 """Reading a request body in the web process: a multipart/form-data upload streamed part by
-part, its `file` straight into a `.part` file in upload_path (never held whole in memory,
-cut off with TooLarge as soon as it passes max_upload_mb), the other fields kept as text.
+part from the ASGI receive channel through python-multipart's push parser, its `file` straight
+into a `.part` file in upload_path (never held whole in memory, cut off with TooLarge as soon
+as it passes max_upload_mb), the other fields kept as text.
 """
+import asyncio
 import os
 import uuid
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-CHUNK = 1 << 16
+BODY_IDLE_SECS = 300        # a client that sends nothing for this long has gone
 FIELD_MAX = 64 << 10        # a form field other than the file (model, language, ...)
 FIELDS_MAX = 64
 MULTIPART_SLACK = 1 << 20   # headers and fields around the file in a Content-Length
@@ -29,34 +31,21 @@ class TooLarge(BodyError):
         super().__init__(413, 'the upload is larger than max_upload_mb (%s bytes)' % limit)
 
 
-def body_chunks(rfile, headers):
-    """The request body in chunks: by Content-Length, or decoded from chunked transfer coding."""
-    if 'chunked' in (headers.get('Transfer-Encoding') or '').lower():
-        while True:
-            line = rfile.readline(1024)
-            try:
-                size = int(line.split(b';')[0].strip(), 16)
-            except ValueError:
-                raise BodyError(400, 'bad chunked transfer coding') from None
-            if size == 0:
-                while rfile.readline(1024) not in (b'\r\n', b'\n', b''):
-                    pass
-                return
-            while size:
-                data = rfile.read1(min(size, CHUNK))
-                if not data:
-                    raise BodyError(400, 'the body ended early')
-                size -= len(data)
-                yield data
-            rfile.readline(8)
-        return
-    left = content_length(headers)
-    while left > 0:
-        data = rfile.read1(min(left, CHUNK))    # what has arrived: a slow sender is written as it comes
-        if not data:
-            raise BodyError(400, 'the body ended early (%d bytes missing)' % left)
-        left -= len(data)
-        yield data
+async def body_chunks(receive, idle=BODY_IDLE_SECS):
+    """The request body in chunks as the ASGI server hands them over (it has already undone
+    chunked transfer coding); BodyError when the client goes away or stalls for `idle` s."""
+    while True:
+        try:
+            msg = await asyncio.wait_for(receive(), idle)
+        except asyncio.TimeoutError:
+            raise BodyError(408, 'no part of the body arrived for %d s' % idle) from None
+        if msg['type'] == 'http.disconnect':
+            raise BodyError(400, 'the body ended early: the client went away')
+        data = msg.get('body') or b''
+        if data:
+            yield data
+        if not msg.get('more_body', False):
+            return
 
 
 def content_length(headers):
@@ -85,6 +74,7 @@ class Upload:
         self.path = None
         self.filename = None
         self.size = 0
+        self.body_done = False     # the whole body has been received
         self._fh = None
         self._headers = {}
         self._hname = b''
@@ -93,7 +83,8 @@ class Upload:
         self._value = bytearray()
         self._is_file = False
 
-    def read(self, rfile, headers):
+    async def read(self, receive, headers):
+        """Stream the body from `receive` into the parser; BodyError (TooLarge) stops it."""
         ctype, params = parse_options_header(headers.get('Content-Type') or '')
         boundary = params.get(b'boundary')
         if ctype != b'multipart/form-data' or not boundary:
@@ -102,8 +93,9 @@ class Upload:
             raise TooLarge(self.limit)
         parser = MultipartParser(boundary, self._callbacks())
         try:
-            for chunk in body_chunks(rfile, headers):
+            async for chunk in body_chunks(receive):
                 parser.write(chunk)
+            self.body_done = True
             parser.finalize()
         except MultipartParseError as exc:
             raise BodyError(400, 'malformed multipart body: %s' % exc) from None
