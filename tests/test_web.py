@@ -1,10 +1,12 @@
 """The web process on a real daemon over real HTTP: the official openai package in every
 response_format, the task API, bad inputs with their status codes, one record per accepted
 task, and the web process killed with SIGKILL in the middle of an upload."""
+import concurrent.futures
 import json
 import os
 import signal
 import socket
+import time
 
 import openai
 import psutil
@@ -283,6 +285,46 @@ def test_web_killed_mid_upload_is_respawned(make_daemon):
     assert rec[0]['state'] == 'DONE' and len(d.records()) == 1
     assert 'web (pid %d) died with signal 9' % web_before.pid in d.log_text()
     assert web_after.pid != web_before.pid
+
+
+def test_waiting_transcriptions_hold_no_thread(make_daemon):
+    """More synchronous transcriptions waiting for their task than a thread pool has threads
+    (anyio's default is 40): they wait on the event loop, so other requests are answered at once."""
+    n = 42
+    d = make_daemon(http='true', workers=2, timeout=300, http_extra='max_uploads = 64\n').start()
+    base = 'http://127.0.0.1:%d' % d.http_port
+    wait_web(d, base)
+    workers = d.workers()
+    for w in workers:
+        w.suspend()             # SIGSTOP: the first tasks stay running, the others queued
+    with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+        audio = f.read()
+
+    def one(i):
+        return requests.post(base + '/v1/audio/transcriptions', files={'file': ('a.wav', audio)},
+                             data={'model': 'm'}, timeout=300)
+
+    def admitted():
+        r = requests.get(base + '/v1/tasks?limit=1000', timeout=10).json()['tasks']
+        return len([t for t in r if not t['done']]) >= n
+    pool = concurrent.futures.ThreadPoolExecutor(n)
+    try:
+        futures = [pool.submit(one, i) for i in range(n)]
+        wait_for(admitted, 60, '%d tasks waiting' % n)
+        # The pool's threads that ran the admissions retire once idle for 10 s (anyio prunes them
+        # when the pool is next used); the waits hold none.
+        web = web_process(d)
+        wait_for(lambda: admitted() and web.num_threads() < 12, 40, 'no thread held by a waiting request',
+                 interval=1)
+        t = time.perf_counter()
+        assert requests.get(base + '/healthz', timeout=5).status_code == 200
+        assert requests.get(base + '/v1/tasks?limit=5', timeout=5).status_code == 200
+        assert time.perf_counter() - t < 2
+    finally:
+        for w in workers:
+            w.resume()
+    assert [f.result().status_code for f in futures] == [200] * n
+    pool.shutdown()
 
 
 def write_app_ini(tmp_path, http):
