@@ -197,6 +197,13 @@ def test_dashboard_in_chromium(make_daemon, chromium_path, tmp_path):
             page.wait_for_function("() => !document.querySelector('button.redeliver')", timeout=10000)
             page.locator('#lang').click()
             assert page.locator('h1').inner_text() == 'svcmgr 대시보드'
+            # /docs: Swagger UI from the pinned package's files, on our own document, nothing from elsewhere.
+            fetched = []
+            page.on('request', lambda req: fetched.append(req.url))
+            page.goto(url + '/docs')
+            page.wait_for_selector('.opblock', timeout=30000)
+            assert page.locator('.opblock').count() >= 9
+            assert fetched and all(u.startswith(url + '/') for u in fetched), fetched
         finally:
             browser.close()
     assert (tmp_path / 'dashboard.png').stat().st_size > 10000
