@@ -93,26 +93,56 @@ class MasterLink:
             except OSError as exc:
                 raise MasterGone('the master is not reachable: %s' % exc) from None
 
-    def request(self, kind, *args, timeout=10.0):
+    def _ask(self, kind, args):
+        """Send a numbered request; (rid, the slot its answer lands in)."""
         rid = next(self.rids)
-        slot = [threading.Event(), None]
+        slot = [Waiter(), None]
         with self.lock:
             if self.closed:
                 raise MasterGone('the master is not reachable')
             self.replies[rid] = slot
         try:
             self.send(kind, rid, *args)
-            if not slot[0].wait(timeout):
-                raise MasterGone('the master did not answer within %g s' % timeout)
-        finally:
-            with self.lock:
-                self.replies.pop(rid, None)
+        except MasterGone:
+            self._forget(rid)
+            raise
+        return rid, slot
+
+    def _forget(self, rid):
+        with self.lock:
+            self.replies.pop(rid, None)
+
+    @staticmethod
+    def _answer(slot, answered, timeout):
+        if not answered:
+            raise MasterGone('the master did not answer within %g s' % timeout)
         if slot[1] is None:
             raise MasterGone('the master is not reachable')
         return slot[1]
 
+    def request(self, kind, *args, timeout=10.0):
+        """The master's answer (blocking: a thread's call)."""
+        rid, slot = self._ask(kind, args)
+        try:
+            answered = slot[0].wait(timeout)
+        finally:
+            self._forget(rid)
+        return self._answer(slot, answered, timeout)
+
+    async def arequest(self, kind, *args, timeout=10.0):
+        """The master's answer, awaited on the event loop (no thread held)."""
+        rid, slot = self._ask(kind, args)
+        try:
+            answered = await slot[0].until(timeout)
+        finally:
+            self._forget(rid)
+        return self._answer(slot, answered, timeout)
+
     def snapshot(self, timeout=5.0, tasks=True):
         return self.request(LinkMsg.QUERY, tasks, timeout=timeout)[2]
+
+    async def asnapshot(self, timeout=5.0, tasks=True):
+        return (await self.arequest(LinkMsg.QUERY, tasks, timeout=timeout))[2]
 
     def submit(self, req, upload=None):
         """('admitted', speechID, waiter) or ('rejected', result, message); `upload`: the file this
@@ -244,7 +274,9 @@ _STATE = {'stopping': False}
 
 def listen(ip, port):
     """The listening socket, bound before uvicorn starts so a port in use fails the start."""
-    sock = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio turns Nagle off only on sockets whose proto says TCP, and the
+    # accepted ones inherit it (with 0, each answer waited ~40 ms for the client's delayed ACK).
+    sock = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((ip, port))

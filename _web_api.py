@@ -2,8 +2,10 @@
 OpenAI-compatible transcription, the task API, health, /metrics, the dashboard and its data,
 the OpenAPI document and its Swagger UI (served from a pinned package, nothing from elsewhere).
 Uploads are read from the ASGI receive channel by _web_upload, never spooled by the framework.
+An error may be answered before the client has sent its whole body: uvicorn reads the rest and
+drops it (the client sees the answer, not a reset), and a client that asked `Expect: 100-continue`
+is answered without sending the body at all.
 """
-import asyncio
 import contextlib
 import hmac
 import json
@@ -39,7 +41,6 @@ DASHBOARD = next((p for p in (os.path.join(HERE, 'web', 'dashboard.html'),
                               os.path.join(sys.prefix, 'share', 'svcmgr', 'web', 'dashboard.html'))
                   if os.path.exists(p)), os.path.join(HERE, 'web', 'dashboard.html'))
 RETRY_AFTER = '2'
-DRAIN_BYTES, DRAIN_SECS = 64 << 20, 5.0
 JSON_MAX = 1 << 20
 # Threads for the routes that block on the master's answer (a few seconds at most): the long
 # waits of synchronous transcriptions are awaited on the event loop and hold none.
@@ -96,15 +97,27 @@ def web_of(request):
     return request.app.state.web
 
 
+def unavailable(exc):
+    return HTTPError(503, str(exc), 'server_error', Result.UNAVAILABLE.value, {'Retry-After': RETRY_AFTER})
+
+
 def snapshot(web, timeout=5.0, tasks=True):
     try:
         return web.link.snapshot(timeout, tasks)
     except MasterGone as exc:
-        raise HTTPError(503, str(exc), 'server_error', Result.UNAVAILABLE.value, {'Retry-After': RETRY_AFTER}) from None
+        raise unavailable(exc) from None
 
 
-def authorize(request: Request):
-    """Every route but /healthz wants a bearer token once [http] tokens are set."""
+async def asnapshot(web, timeout=5.0, tasks=True):
+    try:
+        return await web.link.asnapshot(timeout, tasks)
+    except MasterGone as exc:
+        raise unavailable(exc) from None
+
+
+async def authorize(request: Request):
+    """Every route but /healthz wants a bearer token once [http] tokens are set (async: a
+    dependency that is a plain function would cost every request a trip to the thread pool)."""
     web = web_of(request)
     path = request.url.path
     if not web.tokens or path in OPEN:
@@ -121,31 +134,6 @@ def authorize(request: Request):
 
 # ---------------------------------------------------------------- request bodies
 
-def body_pending(request):
-    """True when the client sent a body that nobody has read to its end."""
-    if getattr(request.state, 'body_done', False):
-        return False
-    length = (request.headers.get('content-length') or '').strip()
-    return length not in ('', '0') or 'transfer-encoding' in request.headers
-
-
-async def drain(request):
-    """Before an error answer: read what the client still sends (and drop it), so it sees the
-    answer instead of a reset connection; bounded in bytes and time."""
-    if not body_pending(request):
-        return
-    request.state.body_done = True
-    left = DRAIN_BYTES
-    try:
-        async with asyncio.timeout(DRAIN_SECS):
-            async for chunk in body_chunks(request.receive, DRAIN_SECS):
-                left -= len(chunk)
-                if left <= 0:
-                    return
-    except (TimeoutError, BodyError):
-        pass
-
-
 async def read_upload(request):
     """The multipart body with its file on disk (`.part` removed); HTTPError when unusable."""
     web = web_of(request)
@@ -158,13 +146,11 @@ async def read_upload(request):
     kept = False
     try:
         await up.read(request.receive, request.headers)
-        request.state.body_done = up.body_done
         if not up.path:
             raise BodyError(400, 'the form has no "file" part')
         up.finish()
         kept = True
     except BodyError as exc:
-        request.state.body_done = up.body_done
         if isinstance(exc, TooLarge):
             web.counts['uploadsTooLarge'] += 1
         raise HTTPError(exc.status, exc.message) from None
@@ -188,7 +174,6 @@ async def read_json(request):
             data += chunk
     except BodyError as exc:
         raise HTTPError(exc.status, exc.message) from None
-    request.state.body_done = True
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -205,7 +190,7 @@ def submit(web, req, upload=None):
     try:
         kind, *rest = web.link.submit(req, upload)
     except MasterGone as exc:
-        raise HTTPError(503, str(exc), 'server_error', Result.UNAVAILABLE.value, {'Retry-After': RETRY_AFTER})
+        raise unavailable(exc) from None
     if kind != 'admitted':
         raise refusal(*rest)
     web.counts['tasks'] += 1
@@ -371,9 +356,9 @@ health = APIRouter()
 
 @health.get('/healthz', summary='The web process and the master answer', response_model=m.Health,
             responses={503: {'model': m.Health, 'description': 'The master does not answer'}})
-def healthz(request: Request):
+async def healthz(request: Request):
     try:
-        snap = web_of(request).link.snapshot(timeout=2, tasks=False)
+        snap = await web_of(request).link.asnapshot(timeout=2, tasks=False)
     except MasterGone as exc:
         return json_response(503, {'status': 'down', 'web': {'pid': os.getpid()}, 'master': {'answered': False},
                                    'problems': [str(exc)]})
@@ -407,17 +392,17 @@ def readiness(snap):
 
 @api.get('/readyz', summary='Ready for tasks, or what is wrong', response_model=m.Ready,
          responses={503: {'model': m.Ready, 'description': 'Not ready'}, **m.errors(401)})
-def readyz(request: Request):
+async def readyz(request: Request):
     try:
-        problems = readiness(snapshot(web_of(request), timeout=2, tasks=False))
+        problems = readiness(await asnapshot(web_of(request), timeout=2, tasks=False))
     except HTTPError as exc:
         problems = [exc.message]
     return json_response(503 if problems else 200, {'ready': not problems, 'problems': problems})
 
 
 @api.get('/metrics', summary='Prometheus text format', response_class=Response, responses={**m.text_ok('text/plain'), **m.errors(401, 503)})
-def metrics(request: Request):
-    body = _web_metrics.exposition(snapshot(web_of(request), tasks=False))
+async def metrics(request: Request):
+    body = _web_metrics.exposition(await asnapshot(web_of(request), tasks=False))
     return Response(body, 200, media_type=_web_metrics.CONTENT_TYPE)
 
 
@@ -470,7 +455,6 @@ def docs(request: Request):
 async def on_http_error(request, exc):
     if exc.status >= 500 and exc.status != 503:
         log.warning('web: %s answered %d: %s', request.url.path, exc.status, exc.message)
-    await drain(request)
     return json_response(exc.status, {'error': {'message': exc.message, 'type': exc.kind, 'code': exc.code}},
                          exc.headers)
 

@@ -74,7 +74,6 @@ class Upload:
         self.path = None
         self.filename = None
         self.size = 0
-        self.body_done = False     # the whole body has been received
         self._fh = None
         self._headers = {}
         self._hname = b''
@@ -95,7 +94,6 @@ class Upload:
         try:
             async for chunk in body_chunks(receive):
                 parser.write(chunk)
-            self.body_done = True
             parser.finalize()
         except MultipartParseError as exc:
             raise BodyError(400, 'malformed multipart body: %s' % exc) from None
