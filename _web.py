@@ -54,18 +54,28 @@ class Waiter(threading.Event):
                 return
         callback()
 
+    def _off(self, callback):
+        with self._cb_lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
     async def until(self, timeout):
         """True once set, False after `timeout` s; no thread is held while it waits."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
 
         def wake():
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(True))
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(True))
+            except RuntimeError:
+                pass        # the loop has closed: nobody waits any more
         self._on_set(wake)
         try:
             return await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
             return False
+        finally:
+            self._off(wake)
 
 
 class MasterLink:

@@ -327,6 +327,23 @@ def test_waiting_transcriptions_hold_no_thread(make_daemon):
     pool.shutdown()
 
 
+def test_waiter_wakes_a_thread_and_the_event_loop():
+    import asyncio
+    import threading
+    from _web import Waiter
+    w = Waiter()
+
+    async def main():
+        threading.Timer(0.05, w.set).start()        # the link's reader thread, in the web process
+        assert await w.until(5) is True
+        assert await w.until(1) is True             # already set
+        late = Waiter()
+        assert await late.until(0.05) is False and late._callbacks == []
+        late.set()                                  # after its waiter gave up: nothing to wake
+    asyncio.run(main())
+    assert w.wait(0)
+
+
 def write_app_ini(tmp_path, http):
     ini = tmp_path / 'app.ini'
     ini.write_text('[directory]\nscan_enabled = false\n[http]\n' + http)
