@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 import _config
+import _web_docs
 import _web_formats as fmt
 import _web_metrics
 import _web_models as m
@@ -446,7 +447,6 @@ def openapi(request: Request):
 
 @api.get('/docs', include_in_schema=False)
 def docs(request: Request):
-    import _web_docs
     return Response(_web_docs.page(request.app), 200, media_type='text/html; charset=utf-8')
 
 
@@ -501,7 +501,6 @@ def build(web):
     app.state.web = web
     app.include_router(health)
     app.include_router(api)
-    import _web_docs
     app.mount(_web_docs.STATIC_URL, StaticFiles(directory=_web_docs.STATIC_DIR), name='docs-static')
     app.add_exception_handler(HTTPError, on_http_error)
     app.add_exception_handler(RequestValidationError, on_invalid)
