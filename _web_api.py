@@ -465,8 +465,21 @@ async def on_invalid(request, exc):
 
 
 async def on_starlette(request, exc):
-    message = 'no such resource: %s' % request.url.path if exc.status_code == 404 else str(exc.detail)
-    return await on_http_error(request, HTTPError(exc.status_code, message, headers=dict(exc.headers or {})))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 404:
+        message = 'no such resource: %s' % request.url.path
+    elif exc.status_code == 405:
+        message = 'method %s not allowed on %s' % (request.method, request.url.path)
+        headers['Allow'] = ', '.join(allowed(request))     # Starlette names only the first route's
+    else:
+        message = str(exc.detail)
+    return await on_http_error(request, HTTPError(exc.status_code, message, headers=headers))
+
+
+def allowed(request):
+    """The methods of every route on this path."""
+    return sorted({method for router in (health, api) for route in router.routes
+                   if route.path_regex.match(request.url.path) for method in route.methods})
 
 
 async def on_bug(request, exc):
@@ -499,6 +512,7 @@ def build(web):
                   description='Batch speech-to-text: OpenAI-compatible transcription, tasks, health, metrics.',
                   docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.web = web
+    app.router.redirect_slashes = False      # /v1/tasks/ is no resource (404), not a redirect
     app.include_router(health)
     app.include_router(api)
     app.mount(_web_docs.STATIC_URL, StaticFiles(directory=_web_docs.STATIC_DIR), name='docs-static')
