@@ -147,7 +147,7 @@ def test_spool_torn_last_line_is_moved_aside_and_unreadable_lines_are_reported(t
 
 def test_schema_file_declares_every_column_the_writer_uses():
     tables = _db.schema_columns()
-    assert set(tables) == {'task', 'node_status', 'task_segment'}
+    assert set(tables) == {'task', 'node_status', 'task_segment', 'cluster_task', 'cluster_node'}
     assert set(_db.ACCEPTED_COLUMNS) | {'id', 'updated_at'} == set(tables['task'])
     assert set(_db.STATUS_COLUMNS) == set(tables['node_status'])
     assert set(_db.SEGMENT_COLUMNS) == set(tables['task_segment'])
@@ -656,5 +656,5 @@ def test_hostile_fields_are_stored_verbatim_and_harm_nothing(make_daemon, dbname
         assert r['transcript'] == TEXTS['en_hello.wav']
     tables = {t['TABLE_NAME'] for t in query(dbname, 'SELECT TABLE_NAME FROM information_schema.TABLES'
                                                      ' WHERE TABLE_SCHEMA = %s', (dbname,))}
-    assert tables == {'task', 'node_status', 'task_segment', 'x'}
+    assert tables == {'task', 'node_status', 'task_segment', 'cluster_task', 'cluster_node', 'x'}
     assert 'matches schema.sql' in d.cli('db', 'check', check=True).stdout

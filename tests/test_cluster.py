@@ -1,0 +1,268 @@
+"""Cluster mode ([cluster] enabled) against real RabbitMQ (127.0.0.1:5672) and real MariaDB:
+real daemons, each test with its own queue name and its own database."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pika
+import pytest
+
+import _config
+from conftest import FIXTURES, ROOT, transcribe_req, wait_for
+from helpers import Closing, db_section, monitor, query
+from legacy_engine import LegacyEngine
+
+BROKER = 'amqp://guest:guest@127.0.0.1:5672/%2F'
+
+
+def broker():
+    return pika.BlockingConnection(pika.URLParameters(BROKER))
+
+
+@pytest.fixture
+def qname():
+    """A queue name of this test's own; its queues are deleted at the end."""
+    name = 'svcmgr.t.%s' % uuid.uuid4().hex[:12]
+    yield name
+    delete_queues(name)
+
+
+def delete_queues(name):
+    out = subprocess.run(['rabbitmqctl', '-q', 'list_queues', 'name'], capture_output=True, text=True, timeout=60)
+    conn = broker()
+    try:
+        for q in out.stdout.split():
+            if q == name or q.startswith(name + '.'):
+                conn.channel().queue_delete(q)
+    finally:
+        conn.close()
+
+
+def cluster_ini(dbname, qname, node, dead=3.0, beat=0.5, extra=''):
+    return db_section(dbname, node=node) + (
+        '[cluster]\nenabled = true\nbroker_url = %s\nqueue = %s\nnode_dead_secs = %s\nheartbeat_secs = %s\n%s'
+        % (BROKER, qname, dead, beat, extra))
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """The storage every node mounts: the audio lives here."""
+    folder = tmp_path / 'shared'
+    folder.mkdir()
+    return str(folder)
+
+
+@pytest.fixture
+def node(make_daemon, dbname, qname, shared):
+    def make(name, start=True, ini_extra='', **opts):
+        opts.setdefault('roots', 'batch, data, %s' % shared)
+        d = make_daemon(**opts)
+        d.write_ini(cluster_ini(dbname, qname, name, extra=ini_extra))
+        d.node = name
+        if start:
+            d.cli('db', 'init', check=True)
+            d.start()
+        return d
+    return make
+
+
+def recv_raw(c, timeout=60):
+    """One frame as the daemon sent it: (type, body bytes)."""
+    deadline = time.monotonic() + timeout
+    while not c.frames:
+        c.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = c.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError('closed')
+        c.frames.extend(c.decoder.feed(data))
+    return c.frames.pop(0)
+
+
+def put_fixture(shared, name, dest=None):
+    shutil.copy(os.path.join(FIXTURES, name), os.path.join(shared, dest or name))
+    return shared, dest or name
+
+
+def cluster_rows(dbname):
+    return {r['speech_id']: r for r in query(dbname, 'SELECT * FROM cluster_task')}
+
+
+def task_rows(dbname):
+    return {r['speech_id']: r for r in query(dbname, 'SELECT * FROM task')}
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_cluster_needs_the_database_and_checks_its_keys(tmp_path):
+    ini = tmp_path / 'app.ini'
+    ini.write_text('[cluster]\nenabled = true\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'app.ini [cluster] enabled: cluster mode keeps its state in the database' in err.value.problems[0]
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nbroker_url = http://x/\nqueue = "a b"\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert any('broker_url' in p and 'amqp://' in p for p in err.value.problems)
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nqueue = "a b"\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'queue' in err.value.problems[0]
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nnode_dead_secs = 3\nheartbeat_secs = 2\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'node_dead_secs' in err.value.problems[0]
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nshared_path = nfs\n')
+    cfg = _config.load(str(ini))
+    assert cfg['cluster']['shared_path'] == str(tmp_path / 'nfs') and cfg['cluster']['delivery_limit'] == 2
+
+
+def test_single_node_mode_loads_no_broker_client(daemon):
+    code = ('import sys; sys.path.insert(0, %r); import _master, _status\n'
+            'print("pika" in sys.modules, "_cluster_thread" in sys.modules)' % ROOT)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ['False', 'False'], out.stderr
+    assert 'cluster' not in monitor(daemon)
+    assert 'cluster' not in daemon.log_text().lower()
+
+
+# ---------------------------------------------------------------- one node
+
+def test_one_node_answers_byte_for_byte_as_single_node_mode(make_daemon, node, shared, dbname, qname):
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    single = make_daemon(roots='batch, data, %s' % shared).start()
+    one = node('n1')
+    answers = []
+    for d in (single, one):
+        with Closing(d.client()) as c:
+            c.send(1002, transcribe_req(folder, name, sid='same1'))
+            answers.append(recv_raw(c, 120))
+    assert answers[0][0] == answers[1][0] == 2002
+    assert answers[0][1] == answers[1][1], answers
+    assert json.loads(answers[1][1])['result'] == '0'
+    # One record, one final row, and the cluster row final with the same answer.
+    wait_for(lambda: len(one.records()) == 1, 30, 'the record')
+    rows = wait_for(lambda: (lambda r: r if r.get('same1', {}).get('finished_at') else None)(task_rows(dbname)),
+                    30, 'the final row')
+    assert rows['same1']['node'] == 'n1' and rows['same1']['result'] == '0'
+    crow = cluster_rows(dbname)['same1']
+    assert crow['state'] == 'final' and crow['origin_node'] == crow['run_node'] == 'n1' and crow['attempts'] == 1
+    assert json.loads(crow['answer']) == json.loads(answers[1][1])
+    body = monitor(one)
+    assert body['cluster']['node'] == 'n1' and body['cluster']['brokerUp'] is True
+    wait_for(lambda: monitor(one)['cluster'].get('alive') == 1, 10, 'the cluster view')
+
+
+# ---------------------------------------------------------------- several nodes
+
+def remote_node(node, name, **opts):
+    """A node whose engine is the scripted legacy engine (none logged in yet: it takes no task)."""
+    opts.setdefault('engine', 'remote')
+    opts.setdefault('workers', 1)
+    return node(name, **opts)
+
+
+def test_a_task_admitted_on_one_node_runs_on_another(node, shared, dbname, qname):
+    a, b = remote_node(node, 'na'), remote_node(node, 'nb')
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca, Closing(b.client()) as cb:
+        ca.send(1002, transcribe_req(folder, name, sid='x1'))
+        wait_for(lambda: cluster_rows(dbname).get('x1'), 30, 'the cluster row')
+        # No node has an engine yet: it waits in the queue. The same speechID on the other node is refused.
+        cb.send(1002, transcribe_req(folder, name, sid='x1'))
+        _, refused = cb.recv(30)
+        assert refused['result'] == '1' and 'already in progress in the cluster' in refused['message']
+        eng = LegacyEngine(b.port)
+        assert eng.start() == '0'
+        _, answer = ca.recv(60)
+    assert answer['result'] == '0' and answer['speechID'] == 'x1'
+    assert answer['transcript'] == '안녕하세요 고객님, x1 통화입니다'
+    assert [r['speechID'] for r in eng.received] == ['x1']
+    recs = b.wait_records(1)
+    assert [r['data']['speechID'] for r in recs] == ['x1'] and a.records() == []
+    row = wait_for(lambda: (lambda r: r if r.get('x1', {}).get('finished_at') else None)(task_rows(dbname)),
+                   30, 'the final row')['x1']
+    assert row['node'] == 'nb' and row['result'] == '0'
+    crow = cluster_rows(dbname)['x1']
+    assert (crow['origin_node'], crow['run_node'], crow['state'], crow['attempts']) == ('na', 'nb', 'final', 1)
+    # Every node sees the whole cluster: Monitor and `svcmgr.py cluster status`.
+    view = wait_for(lambda: (lambda c: c if c.get('alive') == 2 and c['queueDepth'] == 0 else None)(
+        monitor(a, 'cluster')['cluster']), 15, 'two nodes alive, the queue empty')
+    assert {n['node'] for n in view['nodes']} == {'na', 'nb'}
+    out = a.cli('cluster', 'status', check=True).stdout
+    assert '2 node(s) alive, 0 dead' in out and 'na ' in out and 'nb ' in out, out
+    js = json.loads(a.cli('cluster', 'status', '--json', check=True).stdout)
+    assert js['queue'] == {'tasks': 0, 'dead': 0} and js['alive'] == 2
+    eng.close()
+
+
+def test_tasks_spread_over_nodes_and_each_ends_once(node, shared, dbname, qname):
+    nodes = [remote_node(node, 'n%d' % i, workers=1) for i in range(3)]
+    engines = [LegacyEngine(d.port, delay=0.05) for d in nodes]
+    for e in engines:
+        assert e.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    sids = ['s%02d' % i for i in range(30)]
+    clients = [n.client() for n in nodes]
+    for i, sid in enumerate(sids):
+        clients[i % 3].send(1002, transcribe_req(folder, name, sid=sid))
+    answers = {}
+    for i, c in enumerate(clients):
+        for _, body in c.recv_n(10, timeout=120):
+            answers[body['speechID']] = body
+            assert body['speechID'] in sids[i::3]
+    assert sorted(answers) == sids and all(b['result'] == '0' for b in answers.values())
+    ran = [sorted(r['speechID'] for r in e.received) for e in engines]
+    assert sorted(sum(ran, [])) == sids
+    assert sum(1 for r in ran if r) >= 2, ran          # the queue spread them
+    recs = wait_for(lambda: (lambda r: r if len(r) >= 30 else None)(sum((n.records() for n in nodes), [])),
+                    60, '30 records')
+    assert sorted(r['data']['speechID'] for r in recs) == sids
+    rows = wait_for(lambda: (lambda r: r if sum(1 for x in r.values() if x['finished_at']) == 30 else None)(
+        task_rows(dbname)), 60, '30 final rows')
+    assert sorted(rows) == sids
+    for c in clients:
+        c.close()
+    for e in engines:
+        e.close()
+
+
+def test_shared_drop_folder_each_file_claimed_once(node, shared, dbname, qname):
+    drop = os.path.join(shared, 'drop')
+    os.makedirs(drop)
+    nodes = []
+    for i in range(2):
+        d = remote_node(node, 'd%d' % i, start=False)
+        with open(d.ini) as f:
+            text = f.read()
+        text = text.replace('scan_enabled = false', 'scan_enabled = true').replace(
+            'audio_source_path = batch', 'audio_source_path = %s' % drop).replace(
+            'scan_interval_secs = 1\n', 'scan_interval_secs = 0.3\n')
+        with open(d.ini, 'w') as f:
+            f.write(text)
+        d.cli('db', 'init', check=True)
+        nodes.append(d.start())
+    engines = [LegacyEngine(d.port) for d in nodes]
+    for e in engines:
+        assert e.start() == '0'
+    names = ['call-%02d.wav' % i for i in range(20)]
+    for n in names:
+        shutil.copy(os.path.join(FIXTURES, 'en_hello.wav'), os.path.join(drop, n + '.tmp'))
+    for n in names:
+        os.rename(os.path.join(drop, n + '.tmp'), os.path.join(drop, n))
+    recs = wait_for(lambda: (lambda r: r if len(r) >= 20 else None)(sum((d.records() for d in nodes), [])),
+                    120, '20 records')
+    time.sleep(0.5)
+    recs = sum((d.records() for d in nodes), [])
+    assert len(recs) == 20 and len({r['data']['speechID'] for r in recs}) == 20
+    assert sorted(r['request']['fileName'] for r in recs) == names
+    wait_for(lambda: not os.listdir(os.path.join(drop, '.processing')) if os.path.isdir(
+        os.path.join(drop, '.processing')) else True, 30, '.processing emptied')
+    assert [n for n in os.listdir(drop) if not n.startswith('.')] == []
+    assert sum(len(e.received) for e in engines) == 20
+    for e in engines:
+        e.close()
