@@ -107,15 +107,13 @@ def take(conn, sid, token, me, my_token, dead_secs, limit):
                 if node is not None and node[0] == run_token and node[1] == 'running' and node[2]:
                     conn.commit()
                     return HOLD, run_node
-            if attempts >= limit:
-                conn.commit()
-                return DEAD, attempts
+            # Taken by this node either way (a DEAD task is ended here, with its record).
             cur.execute(RUN_SQL, (me, my_token, sid, token))
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
-    return RUN, attempts + 1
+    return (DEAD, attempts) if attempts >= limit else (RUN, attempts + 1)
 
 
 def unrun(conn, sid, token, my_token):

@@ -73,7 +73,7 @@ class ClusterThread(threading.Thread):
         self.running = set()                    # handles of tasks this node runs now
         self.conn = self.channel = self.db = None
         self.gen = 0                            # which broker connection a delivery handle belongs to
-        self.capacity, self.consuming, self.consumer = 0, 0, None
+        self.capacity, self.consuming, self.consumers = 0, 0, ()
         self.broker_backoff, self.db_backoff = Backoff(), Backoff()
         self.broker_next = self.db_next = self.beat_next = 0.0
         self.depth = None
@@ -205,14 +205,13 @@ class ClusterThread(threading.Thread):
             channel.confirm_delivery()
             self.depth = declare(channel, self.names, self.limit)
             channel.basic_consume(self.names['reply'], self.on_reply)
-            channel.basic_consume(self.names['dead'], lambda *a: self.on_task(*a, dead=True))
         except BROKER_ERRORS as exc:
             self.broker_next = time.monotonic() + self.broker_backoff.next()
             log.warning('cluster: broker unreachable (%s); trying again in %.1f s', exc or type(exc).__name__,
                         self.broker_next - time.monotonic())
             return
         self.conn, self.channel, self.gen = conn, channel, self.gen + 1
-        self.consuming, self.consumer = 0, None
+        self.consuming, self.consumers = 0, ()
         self.broker_backoff = Backoff()
         self.held.clear()           # their deliveries went back to the queue with the old connection
         self.running.clear()
@@ -236,13 +235,17 @@ class ClusterThread(threading.Thread):
         if self.channel is None or self.capacity == self.consuming:
             return
         try:
-            # A prefetch applies to consumers made after it: a new one takes the new capacity.
-            if self.consumer is not None:
-                self.channel.basic_cancel(self.consumer)
-                self.consumer = None
+            # A prefetch applies to consumers made after it: new ones take the new capacity.
+            for tag in self.consumers:
+                self.channel.basic_cancel(tag)
+            self.consumers = ()
             if self.capacity > 0:
                 self.channel.basic_qos(prefetch_count=self.capacity)
-                self.consumer = self.channel.basic_consume(self.names['tasks'], self.on_task)
+                # Dead letters (a task the broker saw return too often) are decided like any task:
+                # by its attempts in cluster_task, so the two counts cannot disagree.
+                self.consumers = (self.channel.basic_consume(self.names['tasks'], self.on_task),
+                                  self.channel.basic_consume(self.names['dead'],
+                                                             lambda *a: self.on_task(*a, dead=True)))
         except BROKER_ERRORS as exc:
             self.drop_broker(exc)
             return
@@ -319,10 +322,10 @@ class ClusterThread(threading.Thread):
             self.held[handle] = msg
             return
         self.held.pop(handle, None)
-        if what == cdb.RUN and not msg['dead']:
+        if what == cdb.RUN:
             self.running.add(handle)
             self.post(('run', msg, handle, detail))
-        elif what in (cdb.RUN, cdb.DEAD):
+        elif what == cdb.DEAD:
             self.running.add(handle)
             self.post(('dead', msg, handle, detail))
         elif what == cdb.ANSWERED:

@@ -10,11 +10,12 @@ import time
 import uuid
 
 import pika
+import psutil
 import pytest
 
 import _config
 from conftest import FIXTURES, ROOT, transcribe_req, wait_for
-from helpers import Closing, db_section, monitor, query
+from helpers import Closing, Proxy, db_section, monitor, query
 from legacy_engine import LegacyEngine
 
 BROKER = 'amqp://guest:guest@127.0.0.1:5672/%2F'
@@ -266,3 +267,148 @@ def test_shared_drop_folder_each_file_claimed_once(node, shared, dbname, qname):
     assert sum(len(e.received) for e in engines) == 20
     for e in engines:
         e.close()
+
+
+# ---------------------------------------------------------------- faults
+
+def kill(d):
+    """The node's machine dies: the master and every child SIGKILLed at once."""
+    procs = d.processes()
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def final_rows(dbname, n):
+    return wait_for(lambda: (lambda r: r if sum(1 for x in r.values() if x['finished_at']) >= n else None)(
+        task_rows(dbname)), 60, '%d final rows' % n)
+
+
+def test_a_killed_node_s_tasks_run_elsewhere_once(node, shared, dbname, qname):
+    a, b, c = (remote_node(node, n) for n in ('ka', 'kb', 'kc'))
+    eb = LegacyEngine(b.port, mode='silent')        # takes the tasks and never answers
+    assert eb.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        for sid in ('k1', 'k2'):
+            ca.send(1002, transcribe_req(folder, name, sid=sid))
+        wait_for(lambda: [r['run_node'] for r in cluster_rows(dbname).values()] == ['kb', 'kb'], 30,
+                 'both tasks taken by kb')
+        wait_for(lambda: eb.received, 30, 'kb sent a 3001')
+        ec = LegacyEngine(c.port)
+        assert ec.start() == '0'
+        t0 = time.monotonic()
+        kill(b)
+        answers = {body['speechID']: body for _, body in ca.recv_n(2, timeout=60)}
+        waited = time.monotonic() - t0
+    assert {s: b['result'] for s, b in answers.items()} == {'k1': '0', 'k2': '0'}
+    assert sorted(r['speechID'] for r in ec.received) == ['k1', 'k2']
+    # Held while kb's heartbeat was fresh (node_dead_secs = 3), then run on kc.
+    assert 2.4 < waited < 30, waited
+    assert sorted(r['data']['speechID'] for r in c.wait_records(2)) == ['k1', 'k2']
+    assert b.records() == [] and a.records() == []
+    rows = final_rows(dbname, 2)
+    assert {s: (r['node'], r['result']) for s, r in rows.items()} == {'k1': ('kc', '0'), 'k2': ('kc', '0')}
+    crows = cluster_rows(dbname)
+    assert all(r['run_node'] == 'kc' and r['attempts'] == 2 and r['state'] == 'final' for r in crows.values())
+    view = wait_for(lambda: (lambda v: v if v.get('dead') == 1 else None)(monitor(a, 'cluster')['cluster']),
+                    15, 'kb seen dead')
+    assert [n['node'] for n in view['nodes'] if not n['alive']] == ['kb']
+    ec.close()
+
+
+def test_a_task_that_kills_its_node_twice_ends_with_result_9(node, shared, dbname, qname):
+    a, b, c = (remote_node(node, n) for n in ('pa', 'pb', 'pc'))
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='p1'))
+        for victim in (b, c):
+            eng = LegacyEngine(victim.port, mode='silent')
+            assert eng.start() == '0'
+            wait_for(lambda: eng.received, 60, '%s took the task' % victim.node)
+            kill(victim)
+        b.start()       # a new life of pb, with an engine that answers: it must not run the task a third time
+        eb = LegacyEngine(b.port)
+        assert eb.start() == '0'
+        _, answer = ca.recv(60)
+    assert answer['result'] == '9' and 'started 2 time(s)' in answer['message'], answer
+    assert eb.received == []
+    recs = b.wait_records(1)
+    assert [(r['data']['speechID'], r['data']['result']) for r in recs] == [('p1', '9')]
+    rows = final_rows(dbname, 1)
+    assert rows['p1']['result'] == '9' and rows['p1']['node'] == 'pb'
+    assert cluster_rows(dbname)['p1']['attempts'] == 3
+    eb.close()
+
+
+def test_a_cut_broker_connection_of_a_live_node_runs_nothing_twice(node, shared, dbname, qname):
+    proxy = Proxy(target=('127.0.0.1', 5672))
+    try:
+        a = remote_node(node, 'ca')
+        b = remote_node(node, 'cb', ini_extra='', start=False)
+        with open(b.ini) as f:
+            text = f.read()
+        with open(b.ini, 'w') as f:
+            f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
+        b.cli('db', 'init', check=True)
+        b.start()
+        c = remote_node(node, 'cc')
+        eb = LegacyEngine(b.port, delay=4.0)
+        assert eb.start() == '0'
+        folder, name = put_fixture(shared, 'en_hello.wav')
+        with Closing(a.client()) as ca:
+            ca.send(1002, transcribe_req(folder, name, sid='c1'))
+            wait_for(lambda: eb.received, 30, 'cb sent a 3001')
+            ec = LegacyEngine(c.port)
+            assert ec.start() == '0'
+            proxy.cut()                 # cb is alive, its broker connection is gone: c1 is redelivered to cc
+            _, answer = ca.recv(60)
+            assert answer['result'] == '0' and answer['transcript'].endswith('c1 통화입니다')
+            proxy.restore()
+            with pytest.raises(TimeoutError):
+                ca.recv(3)              # one answer only
+        assert ec.received == []
+        assert [r['data']['speechID'] for r in b.wait_records(1)] == ['c1'] and c.records() == []
+        wait_for(lambda: monitor(b, 'cluster')['cluster']['brokerUp'], 30, 'cb reconnected')
+        rows = final_rows(dbname, 1)
+        assert rows['c1']['node'] == 'cb' and cluster_rows(dbname)['c1']['attempts'] == 1
+        eb.close()
+        ec.close()
+    finally:
+        proxy.close()
+
+
+def test_broker_down_tasks_wait_bounded_by_max_tasks_then_all_run(node, shared, dbname, qname):
+    proxy = Proxy(target=('127.0.0.1', 5672))
+    try:
+        a = remote_node(node, 'wa', max_tasks=3, start=False)
+        with open(a.ini) as f:
+            text = f.read()
+        with open(a.ini, 'w') as f:
+            f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
+        a.cli('db', 'init', check=True)
+        a.start()
+        b = remote_node(node, 'wb')
+        eb = LegacyEngine(b.port)
+        assert eb.start() == '0'
+        wait_for(lambda: monitor(a, 'cluster')['cluster']['brokerUp'], 30, 'wa connected')
+        proxy.cut()
+        wait_for(lambda: not monitor(a, 'cluster')['cluster']['brokerUp'], 30, 'wa sees the broker gone')
+        folder, name = put_fixture(shared, 'en_hello.wav')
+        with Closing(a.client()) as ca:
+            for i in range(4):
+                ca.send(1002, transcribe_req(folder, name, sid='w%d' % i))
+            _, over = ca.recv(30)
+            assert over['speechID'] == 'w3' and over['result'] == '6', over
+            with pytest.raises(TimeoutError):
+                ca.recv(2)              # the other three wait here
+            proxy.restore()
+            answers = {body['speechID']: body['result'] for _, body in ca.recv_n(3, timeout=60)}
+        assert answers == {'w0': '0', 'w1': '0', 'w2': '0'}
+        assert sorted(r['data']['speechID'] for r in b.wait_records(3)) == ['w0', 'w1', 'w2']
+        eb.close()
+    finally:
+        proxy.close()

@@ -153,7 +153,7 @@ def test_schema_file_declares_every_column_the_writer_uses():
     assert set(_db.SEGMENT_COLUMNS) == set(tables['task_segment'])
     with open(_db.SCHEMA_FILE, encoding='utf-8') as f:
         text = f.read()
-    assert text.count('utf8mb4') >= 3 and text.count('ENGINE=InnoDB') == 3
+    assert text.count('utf8mb4') >= 3 and text.count('ENGINE=InnoDB') == 5
     assert 'UNIQUE KEY uq_task_speech_id (speech_id)' in text
 
 
