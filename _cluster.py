@@ -106,11 +106,16 @@ class Cluster:
             wait.published = True
             self.unpublished -= 1
 
-    def _refused(self, sid, token):
+    def _refused(self, sid, token, answer=None):
         wait = self.waiting.get(sid)
         if wait is None or wait.token != token:
             return
         self._drop(sid, wait)
+        if answer is not None:
+            # A claimed file whose task ended already (its claimer died before moving it out).
+            log.info('master: speechID=%s was recorded already; the scanner moves the file out', sid)
+            self.reply(wait, answer)
+            return
         # A scanned file whose speechID runs elsewhere stays claimed and is tried again later.
         result = Result.UNAVAILABLE if wait.source == Source.SCANNER else Result.ALREADY_CONNECTED
         self.reject(wait, result, 'speechID %s is already in progress in the cluster' % sid)

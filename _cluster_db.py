@@ -23,6 +23,15 @@ _TAKE_OVER = ', '.join('%s = IF(state = \'final\', VALUES(%s), %s)' % (c, c, c) 
 INSERT_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, run_node, run_token, state, attempts,'
               ' source, answer, created_at) VALUES (%s, %s, %s, NULL, NULL, \'queued\', 0, %s, NULL, NOW(6))'
               ' ON DUPLICATE KEY UPDATE ' + _TAKE_OVER + ', state = IF(state = \'final\', \'queued\', state)')
+SCANNED_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, state, attempts, source, created_at)'
+               ' VALUES (%s, %s, %s, \'queued\', 0, %s, NOW(6)) ON DUPLICATE KEY UPDATE speech_id = speech_id')
+# Whether a queued row was left by a dead node (or an earlier life of this one) before it published.
+ENTERED_SQL = ('SELECT t.token, t.state, t.answer, t.origin_node = %s OR (t.updated_at < NOW(6) - INTERVAL %s'
+               ' MICROSECOND AND NOT EXISTS (SELECT 1 FROM cluster_node n WHERE n.node = t.origin_node'
+               ' AND n.status = \'running\' AND n.alive_at > NOW(6) - INTERVAL %s MICROSECOND))'
+               ' FROM cluster_task t WHERE t.speech_id = %s')
+STALE_SQL = ('UPDATE cluster_task SET token = %s, origin_node = %s WHERE speech_id = %s AND token = %s'
+             ' AND state = \'queued\'')
 ROW_SQL = ('SELECT token, state, run_node, run_token, attempts, answer FROM cluster_task'
            ' WHERE speech_id = %s FOR UPDATE')
 NODE_SQL = ('SELECT token, status, alive_at > NOW(6) - INTERVAL %s MICROSECOND AS fresh FROM cluster_node'
@@ -65,13 +74,26 @@ def micros(secs):
     return int(secs * 1e6)
 
 
-def insert(conn, sid, token, node, source):
-    """Enter a new task; False when a task of this speechID is still in progress somewhere."""
+def insert(conn, sid, token, node, source, dead_secs):
+    """Enter a new task: (True, None), or (False, answer) when a task of this speechID is in
+    progress somewhere (answer None) or, for a scanned file, already final (its answer).
+
+    A scanned file's speechID names that one claimed file, so a final row is never taken over:
+    the file is done and only has to be moved out. A row still queued long after a dead node
+    entered it (it died before publishing) is taken over: a message of the old token, if one
+    was published after all, finds the row is not its own and is dropped."""
+    scanned = source == 'scanner'
     with conn.cursor() as cur:
-        cur.execute(INSERT_SQL, (sid, token, node, source))
-        cur.execute('SELECT token FROM cluster_task WHERE speech_id = %s', (sid,))
+        cur.execute(SCANNED_SQL if scanned else INSERT_SQL, (sid, token, node, source))
+        cur.execute(ENTERED_SQL, (node, micros(dead_secs), micros(dead_secs), sid))
         row = cur.fetchone()
-    return row is not None and row[0] == token
+        if row is None or row[0] == token:
+            return row is not None, None
+        entered, state, answer, stale = row
+        if scanned and state == QUEUED and stale:
+            cur.execute(STALE_SQL, (token, node, sid, entered))
+            return cur.rowcount == 1, None
+    return False, answer if scanned and state == FINAL else None
 
 
 def forget(conn, sid, token):

@@ -25,6 +25,7 @@ PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type='application/jso
 # The longest a command waits in the queue while the broker's connection has nothing to say.
 IDLE_SECS = 0.2
 RETRY_MIN_SECS, RETRY_MAX_SECS = 0.5, 5.0
+REPLY_TTL_MS = 24 * 3600 * 1000
 
 
 class Backoff:
@@ -50,7 +51,8 @@ def declare(channel, names, delivery_limit, passive=False):
         'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': names['dead']})
     if not passive:
         channel.queue_declare(names['dead'], durable=True, arguments={'x-queue-type': 'quorum'})
-        channel.queue_declare(names['reply'], durable=True)
+        # A dead node's answers are of no use once its clients are gone: they expire.
+        channel.queue_declare(names['reply'], durable=True, arguments={'x-message-ttl': REPLY_TTL_MS})
     return ok.method.message_count
 
 
@@ -259,12 +261,12 @@ class ClusterThread(threading.Thread):
             if self.db is None:
                 return False
             try:
-                entered = cdb.insert(self.db, sid, token, self.node, msg['source'])
+                entered, answer = cdb.insert(self.db, sid, token, self.node, msg['source'], self.dead_secs)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
                 return False
             if not entered:
-                self.post(('refused', sid, token))
+                self.post(('refused', sid, token, json.loads(answer) if answer else None))
                 return True
             msg['entered'] = True
         if not self.publish(self.names['tasks'], msg):
@@ -396,6 +398,10 @@ class ClusterThread(threading.Thread):
                 self.post(('view', view))
 
     def finish(self):
+        for command in self.later:
+            if command[0] == 'submit' and command[1].get('entered'):
+                # Never published: the row goes, so the speechID is free again.
+                self.with_db(cdb.forget, command[1]['speechID'], command[1]['token'])
         if self.db is not None:
             self.with_db(cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped', False, 0, 0, 0)
         for conn in (self.conn, self.db):

@@ -412,3 +412,50 @@ def test_broker_down_tasks_wait_bounded_by_max_tasks_then_all_run(node, shared, 
         eb.close()
     finally:
         proxy.close()
+
+
+def scanning_node(node, name, drop, **opts):
+    d = remote_node(node, name, start=False, **opts)
+    with open(d.ini) as f:
+        text = f.read()
+    with open(d.ini, 'w') as f:
+        f.write(text.replace('scan_enabled = false', 'scan_enabled = true').replace(
+            'audio_source_path = batch', 'audio_source_path = %s' % drop).replace(
+            'scan_interval_secs = 1\n', 'scan_interval_secs = 0.3\n'))
+    d.cli('db', 'init', check=True)
+    return d.start()
+
+
+def test_orphaned_claims_are_adopted_once_their_node_is_dead(node, shared, dbname, qname):
+    drop = os.path.join(shared, 'drop')
+    proc = os.path.join(drop, '.processing')
+    os.makedirs(proc)
+    # What dead nodes left: claimed before entering a row; entered, never published; and recorded
+    # but not moved out.
+    orphans = {'20261201_040000_000001': 'never-entered.wav', '20261201_040000_000002': 'never-published.wav',
+               '20261201_040000_000003': 'recorded.wav'}
+    for sid, name in orphans.items():
+        shutil.copy(os.path.join(FIXTURES, 'en_hello.wav'), os.path.join(proc, '%s__%s' % (sid, name)))
+    d = remote_node(node, 'o1', start=False)
+    d.cli('db', 'init', check=True)
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, state, attempts, source, created_at,"
+                  " updated_at) VALUES ('20261201_040000_000002', 'old', 'ghost', 'queued', 0, 'scanner',"
+                  " NOW(6) - INTERVAL 1 HOUR, NOW(6) - INTERVAL 1 HOUR)")
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, run_node, state, attempts, source,"
+                  " answer, created_at) VALUES ('20261201_040000_000003', 'old3', 'ghost', 'ghost', 'final', 1,"
+                  " 'scanner', %s, NOW(6))",
+          (json.dumps({'result': '0', 'state': 'DONE', 'speechID': '20261201_040000_000003'}),))
+    t0 = time.monotonic()
+    a = scanning_node(node, 'o1', drop)
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    recs = wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(a.records()), 60, 'two records')
+    assert time.monotonic() - t0 > 2.5        # not before node_dead_secs
+    assert sorted(r['data']['speechID'] for r in recs) == ['20261201_040000_000001', '20261201_040000_000002']
+    wait_for(lambda: not os.path.isdir(proc) or not os.listdir(proc), 30, '.processing emptied')
+    assert sorted(r['speechID'] for r in eng.received) == ['20261201_040000_000001', '20261201_040000_000002']
+    time.sleep(1)
+    assert len(a.records()) == 2
+    rows = final_rows(dbname, 2)
+    assert '20261201_040000_000003' not in rows
+    eng.close()
