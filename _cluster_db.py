@@ -104,7 +104,7 @@ def forget(conn, sid, token):
 
 def take(conn, sid, token, me, my_token, dead_secs, limit):
     """What to do with a delivered task, decided under the row's lock:
-    (RUN, attempts) this node runs it now; (ANSWERED, answer) it is final already;
+    (RUN, (attempts, dead_node)) this node runs it now (dead_node: the node whose run died, if any); (ANSWERED, answer) it is final already;
     (HOLD, run_node) a live node runs it (its broker connection was cut): wait;
     (DEAD, attempts) it was started `limit` times and each run's node died: result 9;
     (DROP, why) no such task (an older task of the speechID, or a row forgotten)."""
@@ -135,7 +135,7 @@ def take(conn, sid, token, me, my_token, dead_secs, limit):
     except BaseException:
         conn.rollback()
         raise
-    return (DEAD, attempts) if attempts >= limit else (RUN, attempts + 1)
+    return (DEAD, attempts) if attempts >= limit else (RUN, (attempts + 1, run_node if state == RUNNING else None))
 
 
 def unrun(conn, sid, token, my_token):

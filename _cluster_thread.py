@@ -4,18 +4,22 @@ publisher confirms, a reply queue per node, the dead-letter queue) and of a PyMy
 thread posts back; nothing here ever runs in the loop. Reconnects to both with backoff.
 """
 import collections
+import glob
 import json
 import logging
 import os
 import queue
 import threading
 import time
+from types import SimpleNamespace
 
 import pika
 import pika.exceptions
 import pymysql
 
 import _cluster_db as cdb
+from _records import TaskRecord, unstamp
+from _tasks import answer_body
 
 log = logging.getLogger('cluster')
 
@@ -26,6 +30,32 @@ PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type='application/jso
 IDLE_SECS = 0.2
 RETRY_MIN_SECS, RETRY_MAX_SECS = 0.5, 5.0
 REPLY_TTL_MS = 24 * 3600 * 1000
+
+
+def recorded_answer(folder, msg, since):
+    """The 2002 answer rebuilt from the last record of msg's speechID started after `since` in
+    the last two days' records files of `folder`, or None."""
+    sid = msg['speechID']
+    key = json.dumps(sid).encode('utf-8')
+    found = None
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), '[0-9]' * 8 + '.json')))[-2:]:
+        try:
+            with open(path, 'rb') as f:
+                for raw in f:
+                    if key not in raw:
+                        continue
+                    try:
+                        line = json.loads(raw)
+                        if line['data']['speechID'] == sid and unstamp(line['startTime']) >= since:
+                            found = line
+                    except (ValueError, KeyError, TypeError):
+                        continue        # a torn or foreign line
+        except OSError as exc:
+            log.warning('cluster: cannot read %s: %s', path, exc)
+    if found is None:
+        return None
+    rec = TaskRecord.from_line(found)
+    return answer_body(SimpleNamespace(speech_id=sid, request=msg['request']), rec, rec.state, rec.result)
 
 
 class Backoff:
@@ -69,6 +99,7 @@ class ClusterThread(threading.Thread):
         self.names = queue_names(c['queue'], node)
         self.dead_secs, self.beat_secs = float(c['node_dead_secs']), float(c['heartbeat_secs'])
         self.limit = int(c['delivery_limit'])
+        self.shared = c['shared_path']
         self.commands = queue.Queue()
         self.later = collections.deque()        # commands that wait for the broker or the database
         self.held = {}                          # handle -> message a live node runs: watched until final
@@ -325,8 +356,17 @@ class ClusterThread(threading.Thread):
             return
         self.held.pop(handle, None)
         if what == cdb.RUN:
+            attempts, dead_node = detail
+            answer = self.recorded(dead_node, msg) if dead_node else None
+            if answer is not None:
+                # Its node died after writing the record, before marking the row final: not run again.
+                log.warning('cluster: speechID=%s was recorded by %s before it died; answering from its record',
+                            sid, dead_node)
+                if not self.finish_task(msg, handle, answer):
+                    self.later.append(('finish', msg, handle, answer))
+                return
             self.running.add(handle)
-            self.post(('run', msg, handle, detail))
+            self.post(('run', msg, handle, attempts))
         elif what == cdb.DEAD:
             self.running.add(handle)
             self.post(('dead', msg, handle, detail))
@@ -340,6 +380,14 @@ class ClusterThread(threading.Thread):
         else:
             log.info('cluster: speechID=%s token %s dropped: %s', sid, msg['token'][:8], detail)
             self.ack(handle)
+
+    def recorded(self, node, msg):
+        """The answer of the task from `node`'s records on the shared storage, or None."""
+        if not self.shared:
+            return None
+        folder = os.path.join(self.shared, 'records', node)
+        # The runner's clock wrote startTime: a minute of skew is allowed.
+        return recorded_answer(folder, msg, float(msg.get('created') or 0) - 60)
 
     def reply(self, msg, answer):
         if answer is None:

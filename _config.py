@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 import urllib.parse
 
@@ -585,6 +586,21 @@ def _check_cluster(name: str, cfg: configobj.ConfigObj, base: str) -> None:
     if cluster['enabled'] and cluster['node_dead_secs'] <= 2 * cluster['heartbeat_secs']:
         raise ConfigError([f'{name} [cluster] node_dead_secs: must be more than twice heartbeat_secs'
                            ' (a live node would be taken for dead)'])
+
+
+def node_name(cfg: configobj.ConfigObj) -> str:
+    """This node's name: [db] node, or <hostname>:<[server] port>."""
+    node = (cfg['db'].get('node') or '').strip()
+    return node or '%s:%s' % (socket.gethostname(), cfg['server']['port'])
+
+
+def records_dir(cfg: configobj.ConfigObj) -> str:
+    """Where the usage records go: records/ beside app.ini, or in cluster mode with a
+    shared_path, <shared_path>/records/<node>/ (a live node reads a dead node's there)."""
+    c = cfg['cluster']
+    if c['enabled'] and c['shared_path']:
+        return os.path.join(c['shared_path'], 'records', node_name(cfg))
+    return os.path.join(base_dir(cfg), 'records')
 
 
 def task_roots(cfg: configobj.ConfigObj) -> list:

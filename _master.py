@@ -114,7 +114,7 @@ class Master:
 
     def make_sinks(self):
         records = os.path.join(_config.base_dir(self.cfg), 'records')
-        sinks = [_records.RecordsFile(records)]
+        sinks = [_records.RecordsFile(_config.records_dir(self.cfg))]
         if self.cfg['webhook']['url']:
             # Its sender threads start here, after the children, and drain what an earlier run left.
             self.webhook = _webhook.WebhookSink(_webhook.Settings.from_cfg(self.cfg),

@@ -250,7 +250,7 @@ class Scanner:
         self.source_after = t['source_after']
         self.domain = (d['domain_code'], d['domain_name'])
         self.domain_from_folder = bool(d['domain_from_folder'])
-        self.records = os.path.join(_config.base_dir(cfg), 'records')
+        self.records = _config.records_dir(cfg)
         self.walker = Walker(self.root, [d['audio_target_path'], self.error_root, self.done_root],
                              d['scan_ignore'], d['scan_extensions'])
         self.settler = Settler()

@@ -128,7 +128,7 @@ class TaskTable:
         self.max_tasks = int(cfg['setting']['max_tasks'])
         self.timeout = float(cfg['setting']['session_timeout_secs'])
         self.roots = _config.task_roots(cfg)
-        self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
+        self.records_dir = _config.records_dir(cfg)
 
     def __len__(self):
         return len(self.tasks)

@@ -227,8 +227,8 @@ class Web:
         self.upload_dir = os.path.realpath(h['upload_path'])
         self.uploads = threading.BoundedSemaphore(int(h['max_uploads']))
         self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]   # not upload_path
-        self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
-        self.outbox_dir = os.path.join(self.records_dir, 'webhook')
+        self.records_dir = _config.records_dir(cfg)
+        self.outbox_dir = os.path.join(_config.base_dir(cfg), 'records', 'webhook')
         self.timeout = float(cfg['setting']['session_timeout_secs'])
         self.engine = cfg['engine']['type']
         self.link = MasterLink(sock, self.upload_dir, bool(h['keep_uploads']))

@@ -459,3 +459,57 @@ def test_orphaned_claims_are_adopted_once_their_node_is_dead(node, shared, dbnam
     rows = final_rows(dbname, 2)
     assert '20261201_040000_000003' not in rows
     eng.close()
+
+
+def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_again(node, shared, dbname,
+                                                                                       qname):
+    from _records import stamp
+    a = remote_node(node, 'r1', ini_extra='shared_path = %s\n' % shared)
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    req = transcribe_req(folder, name, sid='rr1')
+    now = time.time()
+    ghost = os.path.join(shared, 'records', 'ghost')
+    os.makedirs(ghost)
+    line = {'data': {'speechID': 'rr1', 'transcript': 'from the record', 'result': '0'}, 'socket': None,
+            'state': 'DONE', 'startTime': stamp(now), 'endTime': stamp(now + 0.5), 'processInterval': [],
+            'source': 'client', 'worker': 1, 'duration': 1.5, 'request': {k: v for k, v in req.items()
+                                                                          if k != 'speechID'},
+            'audioWAV': 'rr1.wav', 'audioMP3': ''}
+    with open(os.path.join(ghost, time.strftime('%Y%m%d') + '.json'), 'w') as f:
+        f.write(json.dumps(line, ensure_ascii=False) + '\n')
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, run_node, run_token, state, attempts,"
+                  " source, created_at) VALUES ('rr1', 'tok1', 'ghost', 'ghost', 'life1', 'running', 1, 'client',"
+                  " NOW(6))")
+    conn = broker()
+    try:
+        ch = conn.channel()
+        reply = qname + '.reply.tester'
+        ch.queue_declare(reply, durable=True)
+        ch.basic_publish('', qname, json.dumps({
+            'speechID': 'rr1', 'token': 'tok1', 'request': req, 'source': 'client', 'keepSource': False,
+            'filePathRaw': None, 'origin': 'ghost', 'reply': reply, 'created': now}).encode(),
+            pika.BasicProperties(delivery_mode=2))
+
+        def answer():
+            method, _, body = ch.basic_get(reply, auto_ack=True)
+            return json.loads(body) if method else None
+        got = wait_for(answer, 30, 'the answer on the reply queue')
+    finally:
+        conn.close()
+    assert got['answer']['transcript'] == 'from the record' and got['answer']['result'] == '0'
+    assert got['answer']['audioWAV'] == 'rr1.wav' and got['token'] == 'tok1'
+    assert eng.received == []
+    crow = cluster_rows(dbname)['rr1']
+    assert crow['state'] == 'final' and crow['run_node'] == 'r1'
+    mine = os.path.join(shared, 'records', 'r1')
+    assert not os.path.exists(mine) or not os.listdir(mine)
+    # With shared_path, a node's own records go to <shared_path>/records/<node>/.
+    with Closing(a.client()) as c:
+        c.send(1002, transcribe_req(folder, name, sid='rr2'))
+        assert c.recv(30)[1]['result'] == '0'
+    path = os.path.join(mine, time.strftime('%Y%m%d') + '.json')
+    wait_for(lambda: os.path.exists(path) and 'rr2' in open(path).read(), 30, 'the record on the shared storage')
+    assert a.records() == []
+    eng.close()
