@@ -220,7 +220,8 @@ class Cluster:
                 self.view = event[1]
 
     def tick(self, now):
-        capacity = max(0, min(self.capacity(), self.tasks.max_tasks))
+        # A stopping node takes nothing more from the queue.
+        capacity = 0 if self.tasks.stopping() else max(0, min(self.capacity(), self.tasks.max_tasks))
         if capacity != self.told_capacity:
             self.told_capacity = capacity
             self.thread.put(('capacity', capacity))

@@ -344,6 +344,8 @@ class ClusterThread(threading.Thread):
 
     def decide(self, handle, msg):
         sid = msg['speechID']
+        if self.stopping:
+            return      # left unacked: it goes back to the queue when the connection closes
         if self.db is None:
             self.held[handle] = msg             # decided once the database is back
             return

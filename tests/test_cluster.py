@@ -513,3 +513,25 @@ def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_
     wait_for(lambda: os.path.exists(path) and 'rr2' in open(path).read(), 30, 'the record on the shared storage')
     assert a.records() == []
     eng.close()
+
+
+def test_a_stopped_node_gives_its_unfinished_tasks_back_to_the_queue(node, shared, dbname, qname):
+    a, b = remote_node(node, 'ta'), remote_node(node, 'tb', graceful=1)
+    eb = LegacyEngine(b.port, mode='silent')
+    assert eb.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='t1'))
+        wait_for(lambda: eb.received, 30, 'tb sent a 3001')
+        b.stop()                # SIGTERM: the task is not done within graceful_timeout_secs
+        crow = cluster_rows(dbname)['t1']
+        assert (crow['state'], crow['attempts']) == ('queued', 0)
+        c = remote_node(node, 'tc')
+        ec = LegacyEngine(c.port)
+        assert ec.start() == '0'
+        _, answer = ca.recv(60)
+    assert answer['result'] == '0' and [r['speechID'] for r in ec.received] == ['t1']
+    assert b.records() == [] and [r['data']['speechID'] for r in c.wait_records(1)] == ['t1']
+    rows = final_rows(dbname, 1)
+    assert rows['t1']['node'] == 'tc'
+    ec.close()
