@@ -165,7 +165,7 @@ class Cluster:
             self.thread.put(('unrun', msg, handle))
             return
         self.runs[sid] = (msg, handle)
-        if attempts > 1:
+        if attempts and attempts > 1:
             log.warning('master: speechID=%s: run %d (the node of an earlier run died)', sid, attempts)
         if dead:
             self.tasks.end(task, Outcome.failed(State.ERROR, Result.ERROR, (

@@ -86,116 +86,8 @@ def declare(channel, names, delivery_limit, passive=False):
     return ok.method.message_count
 
 
-class ClusterThread(threading.Thread):
-    """`put(command)` from any thread; `post(event)` (given) hands events to the master's loop:
-    ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body),
-    ('refused', sid, token, result, message), ('published', sid, token), ('view', dict)."""
-
-    def __init__(self, cfg, node, token, post, waiting):
-        super().__init__(name='cluster', daemon=True)
-        c = cfg['cluster']
-        self.cfg, self.node, self.token, self.post, self.waiting = cfg, node, token, post, waiting
-        self.url = c['broker_url']
-        self.names = queue_names(c['queue'], node)
-        self.dead_secs, self.beat_secs = float(c['node_dead_secs']), float(c['heartbeat_secs'])
-        self.limit = int(c['delivery_limit'])
-        self.shared = c['shared_path']
-        self.commands = queue.Queue()
-        self.later = collections.deque()        # commands that wait for the broker or the database
-        self.held = {}                          # handle -> message a live node runs: watched until final
-        self.running = set()                    # handles of tasks this node runs now
-        self.conn = self.channel = self.db = None
-        self.gen = 0                            # which broker connection a delivery handle belongs to
-        self.capacity, self.consuming, self.consumers = 0, 0, ()
-        self.broker_backoff, self.db_backoff = Backoff(), Backoff()
-        self.broker_next = self.db_next = self.beat_next = 0.0
-        self.depth = None
-        self.stopping = False
-        self.published = self.replied = 0
-
-    # ------------------------------------------------------------ any thread
-
-    def put(self, command):
-        self.commands.put(command)
-        conn = self.conn
-        if conn is not None:
-            try:
-                conn.add_callback_threadsafe(lambda: None)      # wakes process_data_events
-            except BROKER_ERRORS:
-                pass
-
-    # ------------------------------------------------------------ the thread
-
-    def run(self):
-        log.info('cluster: node %s (life %s) on %s, queue %s', self.node, self.token[:8],
-                 self.url.split('@')[-1], self.names['tasks'])
-        while not (self.stopping and not self.later):
-            try:
-                self.step()
-            except Exception:  # the thread's one catch-all: drop both connections, back off, go on
-                log.error('cluster: unexpected error', exc_info=True)
-                self.drop_broker('unexpected error')
-                self.drop_db('unexpected error')
-                time.sleep(0.5)
-            if self.stopping and (self.conn is None or self.db is None):
-                break
-        self.finish()
-
-    def step(self):
-        now = time.monotonic()
-        if self.db is None and now >= self.db_next:
-            self.connect_db()
-        if self.conn is None and now >= self.broker_next and self.db is not None:
-            self.connect_broker()
-        self.take_commands()
-        if time.monotonic() >= self.beat_next:
-            self.beat_next = time.monotonic() + self.beat_secs
-            self.periodic()
-        wait = max(0.0, min(IDLE_SECS, self.beat_next - time.monotonic()))
-        if self.conn is not None:
-            try:
-                self.conn.process_data_events(time_limit=wait)
-            except BROKER_ERRORS as exc:
-                self.drop_broker(exc)
-        else:
-            try:
-                self.later.append(self.commands.get(timeout=wait))
-            except queue.Empty:
-                pass
-
-    def take_commands(self):
-        while True:
-            try:
-                self.later.append(self.commands.get_nowait())
-            except queue.Empty:
-                break
-        for _ in range(len(self.later)):
-            command = self.later.popleft()
-            if not self.do(command):
-                self.later.append(command)      # tried again once the broker or database is back
-
-    def do(self, command):
-        """Carry out one command; False when it must wait (broker or database down)."""
-        kind = command[0]
-        if kind == 'stop':
-            self.stopping = True
-            return True
-        if kind == 'capacity':
-            self.capacity = command[1]
-            self.apply_capacity()
-            return True
-        if kind == 'submit':
-            return self.submit(command[1])
-        if kind == 'finish':
-            return self.finish_task(*command[1:])
-        if kind == 'unrun':
-            return self.unrun(*command[1:])
-        if kind == 'forget':
-            return self.with_db(cdb.forget, *command[1:])
-        log.error('cluster: unknown command %r', kind)
-        return True
-
-    # ------------------------------------------------------------ connections
+class Connections:
+    """The cluster thread's two connections, each made again with backoff when it is lost."""
 
     def connect_db(self):
         try:
@@ -263,6 +155,142 @@ class ClusterThread(threading.Thread):
         self.conn = self.channel = None
         self.broker_next = time.monotonic() + self.broker_backoff.next()
 
+
+class ClusterThread(Connections, threading.Thread):
+    """`put(command)` from any thread; `post(event)` (given) hands events to the master's loop:
+    ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body),
+    ('refused', sid, token, result, message), ('published', sid, token), ('view', dict)."""
+
+    def __init__(self, cfg, node, token, post, waiting):
+        super().__init__(name='cluster', daemon=True)
+        c = cfg['cluster']
+        self.cfg, self.node, self.token, self.post, self.waiting = cfg, node, token, post, waiting
+        self.url = c['broker_url']
+        self.names = queue_names(c['queue'], node)
+        self.dead_secs, self.beat_secs = float(c['node_dead_secs']), float(c['heartbeat_secs'])
+        self.limit = int(c['delivery_limit'])
+        self.shared = c['shared_path']
+        self.commands = queue.Queue()
+        self.later = collections.deque()        # commands that wait for the broker or the database
+        self.held = {}                          # handle -> message a live node runs: watched until final
+        self.running = set()                    # handles of tasks this node runs now
+        self.delivered = []                     # (handle, message) consumed, not yet decided
+        self.conn = self.channel = self.db = None
+        self.gen = 0                            # which broker connection a delivery handle belongs to
+        self.capacity, self.consuming, self.consumers = 0, 0, ()
+        self.broker_backoff, self.db_backoff = Backoff(), Backoff()
+        self.broker_next = self.db_next = self.beat_next = 0.0
+        self.depth = None
+        self.stopping = False
+        self.published = self.replied = 0
+
+    # ------------------------------------------------------------ any thread
+
+    def put(self, command):
+        self.commands.put(command)
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.add_callback_threadsafe(lambda: None)      # wakes process_data_events
+            except BROKER_ERRORS:
+                pass
+
+    # ------------------------------------------------------------ the thread
+
+    def run(self):
+        log.info('cluster: node %s (life %s) on %s, queue %s', self.node, self.token[:8],
+                 self.url.split('@')[-1], self.names['tasks'])
+        while not (self.stopping and not self.later):
+            try:
+                self.step()
+            except Exception:  # the thread's one catch-all: drop both connections, back off, go on
+                log.error('cluster: unexpected error', exc_info=True)
+                self.drop_broker('unexpected error')
+                self.drop_db('unexpected error')
+                time.sleep(0.5)
+            if self.stopping and (self.conn is None or self.db is None):
+                break
+        self.finish()
+
+    def step(self):
+        now = time.monotonic()
+        if self.db is None and now >= self.db_next:
+            self.connect_db()
+        if self.conn is None and now >= self.broker_next and self.db is not None:
+            self.connect_broker()
+        self.take_commands()
+        if time.monotonic() >= self.beat_next:
+            self.beat_next = time.monotonic() + self.beat_secs
+            self.periodic()
+        wait = max(0.0, min(IDLE_SECS, self.beat_next - time.monotonic()))
+        if self.conn is not None:
+            try:
+                self.conn.process_data_events(time_limit=wait)
+            except BROKER_ERRORS as exc:
+                self.drop_broker(exc)
+            self.decide_all()
+        else:
+            try:
+                self.later.append(self.commands.get(timeout=wait))
+            except queue.Empty:
+                pass
+
+    def take_commands(self):
+        while True:
+            try:
+                self.later.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        self.prepare()
+        for _ in range(len(self.later)):
+            command = self.later.popleft()
+            if not self.do(command):
+                self.later.append(command)      # tried again once the broker or database is back
+
+    def do(self, command):
+        """Carry out one command; False when it must wait (broker or database down)."""
+        kind = command[0]
+        if kind == 'stop':
+            self.stopping = True
+            return True
+        if kind == 'capacity':
+            self.capacity = command[1]
+            self.apply_capacity()
+            return True
+        if kind == 'submit':
+            return self.submit(command[1])
+        if kind == 'finish':
+            return self.finish_task(*command[1:])
+        if kind == 'unrun':
+            return self.unrun(*command[1:])
+        if kind == 'forget':
+            return self.with_db(cdb.forget, *command[1:])
+        log.error('cluster: unknown command %r', kind)
+        return True
+
+    # ------------------------------------------------------------ connections
+
+    def prepare(self):
+        """The database work of every waiting submit and finish, in one transaction for each kind;
+        the commands then only publish and ack."""
+        subs = [c[1] for c in self.later if c[0] == 'submit' and 'entered' not in c[1]]
+        ends = [c for c in self.later if c[0] == 'finish' and not c[1].get('final')]
+        if self.db is None or len(subs) + len(ends) < 2:
+            return      # one alone: the command does it itself
+        try:
+            if subs:
+                done = cdb.in_transaction(self.db, lambda conn, m: cdb.insert(
+                    conn, m['speechID'], m['token'], self.node, m['source'], self.dead_secs), subs)
+                for msg, (entered, answer) in zip(subs, done):
+                    msg['entered'], msg['answer'] = entered, answer
+            if ends:
+                cdb.in_transaction(self.db, lambda conn, c: cdb.finish(
+                    conn, c[1]['speechID'], c[1]['token'], c[3]), ends)
+                for command in ends:
+                    command[1]['final'] = True
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+
     def apply_capacity(self):
         """Prefetch = what this node can run; none at all (prefetch 0 would mean no limit): no consumer."""
         if self.channel is None or self.capacity == self.consuming:
@@ -288,20 +316,21 @@ class ClusterThread(threading.Thread):
 
     def submit(self, msg):
         sid, token = msg['speechID'], msg['token']
-        if not msg.get('entered'):
+        if 'entered' not in msg:
             if self.db is None:
                 return False
             try:
-                entered, answer = cdb.insert(self.db, sid, token, self.node, msg['source'], self.dead_secs)
+                msg['entered'], msg['answer'] = cdb.insert(self.db, sid, token, self.node, msg['source'],
+                                                           self.dead_secs)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
                 return False
-            if not entered:
-                self.post(('refused', sid, token, json.loads(answer) if answer else None))
-                return True
-            msg['entered'] = True
-        if not self.publish(self.names['tasks'], msg):
+        if not msg['entered']:
+            self.post(('refused', sid, token, json.loads(msg['answer']) if msg['answer'] else None))
+            return True
+        if not self.publish(self.names['tasks'], {k: v for k, v in msg.items() if k not in ('entered', 'answer')}):
             return False
+        msg['published'] = True
         self.post(('published', sid, token))
         return True
 
@@ -340,7 +369,26 @@ class ClusterThread(threading.Thread):
             channel.basic_ack(method.delivery_tag)
             return
         msg['dead'] = dead
-        self.decide(handle, msg)
+        self.delivered.append((handle, msg))
+
+    def decide_all(self):
+        """The tasks just delivered: the queued ones taken in one transaction, the rest one by one."""
+        batch, self.delivered = self.delivered, []
+        if not batch:
+            return
+        taken = [False] * len(batch)
+        if self.db is not None and not self.stopping:
+            try:
+                taken = cdb.in_transaction(self.db, lambda conn, item: cdb.take_fast(
+                    conn, item[1]['speechID'], item[1]['token'], self.node, self.token, self.limit), batch)
+            except DB_ERRORS as exc:
+                self.drop_db(exc)
+        for (handle, msg), fast in zip(batch, taken):
+            if fast:
+                self.running.add(handle)
+                self.post(('run', msg, handle, None))
+            else:
+                self.decide(handle, msg)
 
     def decide(self, handle, msg):
         sid = msg['speechID']
@@ -449,7 +497,7 @@ class ClusterThread(threading.Thread):
 
     def finish(self):
         for command in self.later:
-            if command[0] == 'submit' and command[1].get('entered'):
+            if command[0] == 'submit' and command[1].get('entered') and not command[1].get('published'):
                 # Never published: the row goes, so the speechID is free again.
                 self.with_db(cdb.forget, command[1]['speechID'], command[1]['token'])
         if self.db is not None:
