@@ -13,6 +13,7 @@ import logging
 import logging.handlers
 import os
 import re
+import socket
 import sys
 import urllib.parse
 
@@ -229,6 +230,22 @@ password_env = string(default='')
 name = string(default='svcmgr')
 # This node's key in the node_status table and in task.node; empty = <hostname>:<[server] port>.
 node = string(default='')
+
+[cluster]
+# Cluster mode: every task goes through a RabbitMQ quorum queue and runs on whichever node
+# takes it; MariaDB ([db]) holds the cluster's state. Off = one node, no broker at all.
+enabled = boolean(default=False)
+broker_url = amqp_url(default='amqp://guest:guest@127.0.0.1:5672/%2F')
+# The quorum queue; dead letters go to <queue>.dead, each node's answers to <queue>.reply.<node>.
+queue = string(default='svcmgr.tasks')
+# A node whose heartbeat is older is dead: its tasks and claims are taken over.
+node_dead_secs = float(min=1, max=3600, default=15)
+# How often this node's heartbeat row is refreshed.
+heartbeat_secs = float(min=0.1, max=600, default=2)
+# Runs of one task (each cut short by the death of its node) before it ends with result 9.
+delivery_limit = integer(min=1, max=100, default=2)
+# Storage every node mounts (NFS): a node's records then go to <shared_path>/records/<node>/.
+shared_path = string(default='')
 """
 # The engine types are the registry's keys (_engine.ENGINES), so adding a type is one line there.
 CONFIGSPEC = CONFIGSPEC.replace('<engine types>', ', '.join(repr(name) for name in _engine.ENGINES)) \
@@ -369,6 +386,17 @@ def _http_url(value):
     return text
 
 
+def _amqp_url(value):
+    text = _string(value).strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ('amqp', 'amqps') or not parts.hostname:
+        raise _Problem(f'{_the(value)} is not an amqp:// or amqps:// URL')
+    return text
+
+
 def _validator(base: str) -> Validator:
     """A Validator whose path checks resolve against base, the folder of app.ini."""
 
@@ -397,6 +425,7 @@ def _validator(base: str) -> Validator:
         'ip_address': _ip_address,
         'cidr_list': _cidr_list,
         'http_url': _http_url,
+        'amqp_url': _amqp_url,
         'path': path,
         'path_list': path_list,
     })
@@ -510,6 +539,7 @@ def load(path: str) -> configobj.ConfigObj:
                  cfg['task']['error_backup_path'])
         directory['allowed_roots'] = list(dict.fromkeys(os.path.realpath(root) for root in roots))
     _check_http(name, cfg)
+    _check_cluster(name, cfg, os.path.dirname(path))
     db = cfg['db']
     if db['password_env'] and db['password_env'] in os.environ:
         db['password'] = os.environ[db['password_env']]
@@ -540,6 +570,37 @@ def _check_http(name: str, cfg: configobj.ConfigObj) -> None:
     if cfg['directory']['scan_enabled'] and (upload == source or upload.startswith(source + os.sep)):
         raise ConfigError([f'{name} [http] upload_path: must not lie in audio_source_path'
                            ' (the scanner would take uploads)'])
+
+
+def _check_cluster(name: str, cfg: configobj.ConfigObj, base: str) -> None:
+    """[cluster]: on only with the database; a queue name RabbitMQ takes; shared_path absolute."""
+    cluster = cfg['cluster']
+    if cluster['shared_path'].strip():
+        cluster['shared_path'] = os.path.normpath(os.path.join(base, cluster['shared_path'].strip()))
+    queue = cluster['queue']
+    if not re.fullmatch(r'[A-Za-z0-9_.:-]{1,200}', queue):
+        raise ConfigError([f'{name} [cluster] queue: use 1-200 characters of A-Z a-z 0-9 _ . : -'])
+    if cluster['enabled'] and not cfg['db']['enabled']:
+        raise ConfigError([f'{name} [cluster] enabled: cluster mode keeps its state in the database;'
+                           ' set [db] enabled = true too'])
+    if cluster['enabled'] and cluster['node_dead_secs'] <= 2 * cluster['heartbeat_secs']:
+        raise ConfigError([f'{name} [cluster] node_dead_secs: must be more than twice heartbeat_secs'
+                           ' (a live node would be taken for dead)'])
+
+
+def node_name(cfg: configobj.ConfigObj) -> str:
+    """This node's name: [db] node, or <hostname>:<[server] port>."""
+    node = (cfg['db'].get('node') or '').strip()
+    return node or '%s:%s' % (socket.gethostname(), cfg['server']['port'])
+
+
+def records_dir(cfg: configobj.ConfigObj) -> str:
+    """Where the usage records go: records/ beside app.ini, or in cluster mode with a
+    shared_path, <shared_path>/records/<node>/ (a live node reads a dead node's there)."""
+    c = cfg['cluster']
+    if c['enabled'] and c['shared_path']:
+        return os.path.join(c['shared_path'], 'records', node_name(cfg))
+    return os.path.join(base_dir(cfg), 'records')
 
 
 def task_roots(cfg: configobj.ConfigObj) -> list:

@@ -11,13 +11,13 @@ import math
 import os
 import queue
 import re
-import socket
 import sys
 import threading
 import time
 
 import pymysql
 
+import _config
 import _jsonstrict
 from _records import ACCEPTED, FINAL, STATE, TaskRecord, stamp, write_synced
 from _states import Mark
@@ -268,8 +268,7 @@ def status_params(info):
 
 def node_name(cfg):
     """This node's key in node_status and task.node: [db] node, or host:port."""
-    node = (cfg['db'].get('node') or '').strip()
-    return node or '%s:%s' % (socket.gethostname(), cfg['server']['port'])
+    return _config.node_name(cfg)
 
 
 def connect_params(cfg, database=True):

@@ -9,6 +9,7 @@ import threading
 import time
 
 import _children
+import _cluster
 import _config
 import _db
 import _engine
@@ -33,7 +34,6 @@ from _web_end import WebLink, admit_http
 log = logging.getLogger('master')
 
 TICK_SECS = 0.1
-MONITOR_PARTS = ('engine', 'task', 'cpu', 'memory', 'disk')
 
 
 class Master:
@@ -52,7 +52,7 @@ class Master:
         self.stopping = False
         self.stop_deadline = None
         self.running = True
-        self.reporter = self.webhook = self.db = self.monitor = None
+        self.reporter = self.webhook = self.db = self.monitor = self.cluster = None
         self.trial = _reload.Trial(lambda: self.engine.name, self.apply_config)   # a new engine on trial
         self.wake_r = self.wake_w = None
         self.tasks = TaskTable(cfg, lambda event, payload: self.reporter.submit(event, payload),
@@ -88,8 +88,13 @@ class Master:
         self.web.start()
         self.reporter = _records.Reporter(self.make_sinks())
         self.reporter.sinks += [self.metrics, self.web]
-        # Last sink: the scanner hears that a task ended only once every trace of it is made.
+        # Last sinks: the scanner, and the cluster's answer, only once every trace of a task is made.
         self.reporter.sinks.append(self.scanner)
+        if self.cfg['cluster']['enabled']:
+            self.cluster = _cluster.Cluster(self.loop, self.cfg, self.tasks, self.capacity, self.conns, self.scanner)
+            self.tasks.forward = self.cluster.admit
+            self.reporter.sinks.append(self.cluster)
+            self.cluster.start()
         self.reporter.start()
         self.monitor = Monitor(float(self.cfg['setting']['monitor_interval_secs']),
                                on_refresh=self.db.status_hook(self.status_facts) if self.db else None)
@@ -109,7 +114,7 @@ class Master:
 
     def make_sinks(self):
         records = os.path.join(_config.base_dir(self.cfg), 'records')
-        sinks = [_records.RecordsFile(records)]
+        sinks = [_records.RecordsFile(_config.records_dir(self.cfg))]
         if self.cfg['webhook']['url']:
             # Its sender threads start here, after the children, and drain what an earlier run left.
             self.webhook = _webhook.WebhookSink(_webhook.Settings.from_cfg(self.cfg),
@@ -127,6 +132,8 @@ class Master:
         fds = [self.wake_w.fileno(), self.scanner.notify_w.fileno(), self.web.notify_w.fileno()]
         if self.conns.spare_fd is not None:
             fds.append(self.conns.spare_fd)
+        if self.cluster is not None:
+            fds += self.cluster.fds()
         return fds
 
     def _on_signal(self, signum, frame):
@@ -141,7 +148,16 @@ class Master:
     def engine_changed(self):
         self.scanner.tell_engine()
 
+    def capacity(self):
+        """Tasks this node takes from the cluster's queue at once: its workers, plus the free
+        recognition slots of the legacy engines logged in (a worker only prepares their audio)."""
+        if self.engine.embedded:
+            return self.pool.size if self.pool.available else 0
+        return len(self.broker.engines) * self.broker.concurrency + self.pool.size if self.broker.available else 0
+
     def _answer(self, task, body):
+        if task.origin is not None:
+            return self.cluster.answered(task, body)
         conn = task.conn
         if conn is None:
             return None
@@ -233,37 +249,11 @@ class Master:
                             _packet.error_body(None, Result.BAD_REQUEST, State.NONE, exc.message))
             return
         kind = req.get('type', 'all')
-        if kind != 'all' and kind not in MONITOR_PARTS:
+        if kind != 'all' and kind not in _status.MONITOR_PARTS:
             self.conns.send(conn, Type.MONITOR_RESP, _packet.error_body(
-                req, Result.BAD_REQUEST, State.NONE, 'type must be one of all, %s' % ', '.join(MONITOR_PARTS)))
+                req, Result.BAD_REQUEST, State.NONE, 'type must be one of all, %s' % ', '.join(_status.MONITOR_PARTS)))
             return
-        self.conns.send(conn, Type.MONITOR_RESP, self.monitor_body(kind))
-
-    def monitor_body(self, kind='all'):
-        snap = self.monitor.snapshot
-        body = {'version': self.cfg['setting']['version']}
-        if kind in ('all', 'engine'):
-            body['engine'] = {'sttengine': self.engine_available()}
-            if self.engine.embedded:
-                body['engine'][self.engine.name] = self.engine.describe()
-            body['engine'].update(self.broker.describe())
-        if kind in ('all', 'task'):
-            body['task'] = self.tasks.describe()
-        for part in ('disk', 'cpu', 'memory'):
-            if kind in ('all', part):
-                body[part] = snap[part]
-        if kind == 'all':
-            pending = len(self.tasks.pending)
-            body['workers'] = self.pool.describe()
-            body['queue'] = {'pending': pending, 'running': len(self.tasks) - pending,
-                             'maxTasks': self.tasks.max_tasks, 'records': self.reporter.depth()}
-            body['counters'] = dict(self.counters)
-            body['outbox'] = self.webhook.status() if self.webhook else {'enabled': False}
-            body['db'] = self.db.stats() if self.db else {'enabled': False}
-            body['scanner'] = self.scanner.describe()
-            body['records'] = self.reporter.status()
-            body['recent'] = self.tasks.describe_recent()
-        return body
+        self.conns.send(conn, Type.MONITOR_RESP, _status.monitor_body(self, kind))
 
     # ------------------------------------------------------------ timers and signals
 
@@ -283,6 +273,8 @@ class Master:
         self.pool.tick(now)
         self.scanner.tick(now)
         self.web.tick(now)
+        if self.cluster is not None:
+            self.cluster.tick(now)
 
     def handle_signals(self):
         while self.signals:
@@ -360,7 +352,9 @@ class Master:
 
     def _end_for_stop(self, task, message):
         # A scanned file gets no answer and no record: it stays in .processing for the next start.
-        self.tasks.end(task, None if task.source == Source.SCANNER else
+        if task.origin is not None:
+            self.cluster.stopped(task)      # back to the cluster's queue for another node
+        self.tasks.end(task, None if task.source == Source.SCANNER or task.origin is not None else
                        Outcome.failed(State.ERROR, Result.UNAVAILABLE, message))
 
     def begin_stop(self, why):
@@ -397,7 +391,10 @@ class Master:
             self.pool.kill_stragglers()
             self.scanner.kill()
             self.web.kill()
-        if not len(self.tasks) and self.pool.gone and self.scanner.gone and self.web.gone:
+        if self.cluster is not None and now >= self.stop_deadline:
+            self.cluster.end_waiting('the service manager stopped before the cluster answered')
+        if not len(self.tasks) and self.pool.gone and self.scanner.gone and self.web.gone and \
+                (self.cluster is None or self.cluster.idle()):
             self.running = False
 
     # ------------------------------------------------------------ loop
@@ -426,4 +423,6 @@ class Master:
         self.conns.finish()
         self.monitor.stop()
         self.reporter.stop()
+        if self.cluster is not None:
+            self.cluster.stop()     # after the reporter: the answers of the last tasks go out first
         log.info('master: stopped (%d records written)', self.reporter.written)

@@ -197,6 +197,7 @@ class Item:
     folder: str
     name: str
     done: bool = False
+    adopted: bool = False     # cluster mode: found claimed in the shared folder, maybe by another node
 
     @property
     def claimed(self):
@@ -205,6 +206,27 @@ class Item:
     @property
     def path(self):
         return os.path.join(self.folder, self.claimed)
+
+
+def to_adopt(found, held, older_than):
+    """Cluster mode: the claimed files found in the shared drop folder that this scanner does not
+    hold and that were claimed more than `older_than` seconds ago (by a dead node, or an earlier
+    life of this one). Submitted, the master answers from the cluster's row: recorded already
+    (moved out), queued by a dead node or never entered (run), in progress elsewhere (refused:
+    looked at again at the next adoption pass)."""
+    cutoff = time.time() - older_than
+    out = []
+    for item in found:
+        try:
+            if item.sid in held or os.lstat(item.path).st_ctime > cutoff:
+                continue        # ours, or claimed a moment ago, most likely by a live node
+        except OSError:
+            continue
+        item.adopted = True
+        out.append(item)
+    if out:
+        log.info('scanner: %d claimed file(s) in the shared folder submitted for adoption', len(out))
+    return out
 
 
 def utf8_name(name):
@@ -228,7 +250,7 @@ class Scanner:
         self.source_after = t['source_after']
         self.domain = (d['domain_code'], d['domain_name'])
         self.domain_from_folder = bool(d['domain_from_folder'])
-        self.records = os.path.join(_config.base_dir(cfg), 'records')
+        self.records = _config.records_dir(cfg)
         self.walker = Walker(self.root, [d['audio_target_path'], self.error_root, self.done_root],
                              d['scan_ignore'], d['scan_extensions'])
         self.settler = Settler()
@@ -248,6 +270,9 @@ class Scanner:
         self.engine = False                     # until the master says an engine is there
         self.hold_until = 0.0
         self.first_pass = True
+        # Cluster mode: claims in the shared folder older than node_dead_secs are adopted (to_adopt).
+        c = cfg['cluster']
+        self.adopt_secs, self.next_adopt = c['enabled'] and float(c['node_dead_secs']), 0.0
         self.stopping = False
         self.reopen = False
         self.rbuf = bytearray()
@@ -356,7 +381,10 @@ class Scanner:
             item = self.items.get(sid)
             if item is None:
                 return
-            if result in RETRY_RESULTS:
+            if item.adopted and result in RETRY_RESULTS + (Result.ALREADY_CONNECTED.value,):
+                # In progress on another node: its claimer moves it out; looked at again later.
+                del self.items[sid]
+            elif result in RETRY_RESULTS:
                 # Busy or no engine: the file stays claimed and goes again shortly.
                 log.debug('scanner: speechID=%s not admitted now (%s: %s)', sid, result, message)
                 self.queue.appendleft(item)
@@ -440,7 +468,14 @@ class Scanner:
         scan_cpu, scan_wall = time.process_time() - cpu, time.perf_counter() - wall
         if self.first_pass:
             self.first_pass = False
-            self.recover(processing)
+            if not self.adopt_secs:
+                self.recover(processing)
+        if self.adopt_secs and time.monotonic() >= self.next_adopt:
+            self.next_adopt = time.monotonic() + self.adopt_secs
+            for item in to_adopt(self.find_claimed(processing), self.items, self.adopt_secs):
+                self.items[item.sid] = item
+                self.queue.appendleft(item)
+                self.counts['adopted'] += 1
         claimed = 0
         if self.engine:
             for path in settled:

@@ -84,6 +84,11 @@ class ScannerLink(ChildLink):
             return
         self.active.add(sid)
 
+    def refused(self, sid, result, message):
+        """A submitted file refused after its admission (cluster mode: the speechID runs elsewhere)."""
+        self.active.discard(sid)
+        self.send(LinkMsg.REJECTED, sid, Result(result).value, message)
+
     # ------------------------------------------------------------ reporter sink (reporter thread)
 
     def handle(self, event, record):

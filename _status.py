@@ -14,6 +14,8 @@ BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 
 HISTOGRAMS = ('queue_wait', 'prepare', 'recognize')
 MINUTES = 60
 STARTED_MAX = 200000
+# What Monitor (1003) may ask for besides all; `cluster` answers only in cluster mode.
+MONITOR_PARTS = ('engine', 'task', 'cpu', 'memory', 'disk', 'cluster')
 
 
 class Histogram:
@@ -136,4 +138,35 @@ def snapshot(master, metrics, tasks=True):
         'db': master.db.stats() if master.db else {'enabled': False},
         'scanner': master.scanner.describe(), 'records': master.reporter.status(),
         'disk': snap['disk'], 'memory': snap['memory'], 'cpu': snap['cpu'],
+        **({'cluster': master.cluster.describe()} if master.cluster is not None else {}),
     }
+
+
+def monitor_body(master, kind='all'):
+    """Monitor's (2003) answer: `kind` is all or one of MONITOR_PARTS."""
+    snap = master.monitor.snapshot
+    body = {'version': master.cfg['setting']['version']}
+    if kind in ('all', 'engine'):
+        body['engine'] = {'sttengine': master.engine_available()}
+        if master.engine.embedded:
+            body['engine'][master.engine.name] = master.engine.describe()
+        body['engine'].update(master.broker.describe())
+    if kind in ('all', 'task'):
+        body['task'] = master.tasks.describe()
+    for part in ('disk', 'cpu', 'memory'):
+        if kind in ('all', part):
+            body[part] = snap[part]
+    if kind in ('all', 'cluster') and master.cluster is not None:
+        body['cluster'] = master.cluster.describe()
+    if kind == 'all':
+        pending = len(master.tasks.pending)
+        body['workers'] = master.pool.describe()
+        body['queue'] = {'pending': pending, 'running': len(master.tasks) - pending,
+                         'maxTasks': master.tasks.max_tasks, 'records': master.reporter.depth()}
+        body['counters'] = dict(master.counters)
+        body['outbox'] = master.webhook.status() if master.webhook else {'enabled': False}
+        body['db'] = master.db.stats() if master.db else {'enabled': False}
+        body['scanner'] = master.scanner.describe()
+        body['records'] = master.reporter.status()
+        body['recent'] = master.tasks.describe_recent()
+    return body

@@ -49,6 +49,7 @@ class Task:
     engine: object = None     # the remote engine that holds this task's 3001
     prepared: Outcome = None  # the worker's prepared files, for the 3001
     seq: int = None
+    origin: dict = None       # cluster mode: the broker's message of a task run here for the cluster
 
     def mark(self, what, now=None):
         now = time.monotonic() if now is None else now
@@ -118,6 +119,8 @@ class TaskTable:
         # Why a record could not be written now (the reporter's trouble), else None: a task
         # taken then would end with no record, so none is taken.
         self.cannot_record = lambda: None
+        # Cluster mode: where a new task goes instead of this table (it runs wherever the broker says).
+        self.forward = None
         self.configure(cfg)
 
     def configure(self, cfg):
@@ -125,7 +128,7 @@ class TaskTable:
         self.max_tasks = int(cfg['setting']['max_tasks'])
         self.timeout = float(cfg['setting']['session_timeout_secs'])
         self.roots = _config.task_roots(cfg)
-        self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
+        self.records_dir = _config.records_dir(cfg)
 
     def __len__(self):
         return len(self.tasks)
@@ -141,9 +144,10 @@ class TaskTable:
 
     # ------------------------------------------------------------ admission
 
-    def admit(self, req, source, conn=None, keep_source=False, file_path=None):
+    def admit(self, req, source, conn=None, keep_source=False, file_path=None, origin=None):
         """Make a task of a checked request; Refused says why not. `file_path`: the real
-        filePath when the request's is only its UTF-8 rendering (a scanned folder's name)."""
+        filePath when the request's is only its UTF-8 rendering (a scanned folder's name);
+        `origin`: the cluster's message of a task given to this node to run."""
         if self.stopping():
             raise Refused(Result.UNAVAILABLE, 'the service manager is shutting down')
         trouble = self.cannot_record()
@@ -155,6 +159,8 @@ class TaskTable:
             sid = req['speechID'] = _packet.new_speech_id()
         if sid in self.tasks:
             raise Refused(Result.ALREADY_CONNECTED, 'speechID %s is already in progress' % sid)
+        if self.forward is not None and origin is None and source != Source.HTTP:
+            return self.forward(req, source, conn, keep_source, file_path)
         if not self.engine_up():
             raise Refused(Result.UNAVAILABLE, 'no engine is available')
         if len(self.tasks) >= self.max_tasks:
@@ -165,7 +171,7 @@ class TaskTable:
             raise Refused(Result.BAD_REQUEST, exc.message) from None
         now, mono = time.time(), time.monotonic()
         task = Task(sid, req, source, conn, now, mono, mono + self.timeout, job,
-                    socket_fd=conn.sock.fileno() if conn is not None else None)
+                    socket_fd=conn.sock.fileno() if conn is not None else None, origin=origin)
         task.mark(Mark.TRANSCRIBE_START, mono)
         self.tasks[sid] = task
         if conn is not None:

@@ -312,8 +312,8 @@ class Web:
         self.max_uploads = int(h['max_uploads'])
         self.uploading = 0                  # uploads being received (only the event loop counts)
         self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]   # not upload_path
-        self.records_dir = os.path.join(_config.base_dir(cfg), 'records')
-        self.outbox_dir = os.path.join(self.records_dir, 'webhook')
+        self.records_dir = _config.records_dir(cfg)
+        self.outbox_dir = os.path.join(_config.base_dir(cfg), 'records', 'webhook')
         self.timeout = float(cfg['setting']['session_timeout_secs'])
         self.engine = cfg['engine']['type']
         self.link = MasterLink(sock, self.upload_dir, bool(h['keep_uploads']))

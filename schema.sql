@@ -86,3 +86,39 @@ CREATE TABLE IF NOT EXISTS task_segment (
     PRIMARY KEY (task_id, seq),
     KEY ix_task_segment_speech_id (speech_id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- Cluster mode ([cluster] enabled): one row per task of the cluster while it is in the broker's
+-- queue or running, kept once final (its answer, for a redelivered message). The primary key
+-- makes a speechID unique across every node; `token` tells this task from an older one that
+-- used the same speechID (a final row is taken over by the next task of that speechID).
+CREATE TABLE IF NOT EXISTS cluster_task (
+    speech_id           VARCHAR(64)      CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+    token               CHAR(32)         NOT NULL COMMENT 'this task, as published',
+    origin_node         VARCHAR(128)     NOT NULL COMMENT 'the node holding the client',
+    run_node            VARCHAR(128)     NULL,
+    run_token           CHAR(32)         NULL COMMENT 'the life (cluster_node.token) of run_node running it',
+    state               VARCHAR(16)      NOT NULL COMMENT 'queued, running or final',
+    attempts            INT UNSIGNED     NOT NULL DEFAULT 0 COMMENT 'runs started',
+    source              VARCHAR(16)      NOT NULL,
+    answer              MEDIUMTEXT       NULL COMMENT 'the 2002 body (JSON) once final',
+    created_at          DATETIME(6)      NOT NULL,
+    updated_at          DATETIME(6)      NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+    PRIMARY KEY (speech_id),
+    KEY ix_cluster_task_state (state, run_node)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;
+
+-- Cluster mode: one row per node, its heartbeat written on the database's clock (alive_at), so
+-- nodes with skewed clocks agree on who is alive. A new `token` at each start of the node.
+CREATE TABLE IF NOT EXISTS cluster_node (
+    node                VARCHAR(128)     NOT NULL,
+    token               CHAR(32)         NOT NULL,
+    pid                 INT UNSIGNED     NULL,
+    status              VARCHAR(16)      NOT NULL COMMENT 'running or stopped',
+    broker_up           TINYINT(1)       NOT NULL,
+    capacity            INT UNSIGNED     NOT NULL COMMENT 'tasks it takes from the queue at once (prefetch)',
+    running             INT UNSIGNED     NOT NULL COMMENT 'tasks of the queue running here',
+    waiting             INT UNSIGNED     NOT NULL COMMENT 'tasks admitted here whose answer is not back',
+    started_at          DATETIME(6)      NOT NULL,
+    alive_at            DATETIME(6)      NOT NULL,
+    PRIMARY KEY (node)
+) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_unicode_ci;

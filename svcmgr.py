@@ -12,7 +12,7 @@ import _config
 __version__ = '2.1.0'
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_INI = os.path.join(HERE, 'app.ini')
-MONITOR_PARTS = ('all', 'engine', 'task', 'cpu', 'memory', 'disk')
+MONITOR_PARTS = ('all', 'engine', 'task', 'cpu', 'memory', 'disk', 'cluster')
 
 
 def parser():
@@ -37,6 +37,9 @@ def parser():
     wr.add_argument('--all-failed', action='store_true', help='every entry in records/webhook/failed/')
     d = sub.add_parser('db', help='the MySQL database of [db]: init applies schema.sql, check verifies it')
     d.add_argument('db_command', choices=('init', 'check'))
+    c = sub.add_parser('cluster', help='cluster mode: every node, alive or dead, and the queue')
+    c.add_argument('cluster_command', choices=('status',))
+    c.add_argument('--json', action='store_true', help='print JSON')
     return p
 
 
@@ -113,6 +116,9 @@ def run(args, cfg, cfg_path):
         if args.webhook_command == 'list':
             return _webhook.cmd_list(cfg, args.json)
         return _webhook.cmd_redeliver(cfg, args.speech_ids, args.all_failed)
+    if command == 'cluster':
+        import _cluster_db
+        return _cluster_db.cmd_status(cfg, args.json)
     import _db
     return _db.command(cfg, args.db_command, os.path.join(_config.base_dir(cfg), 'records'))
 

@@ -147,13 +147,13 @@ def test_spool_torn_last_line_is_moved_aside_and_unreadable_lines_are_reported(t
 
 def test_schema_file_declares_every_column_the_writer_uses():
     tables = _db.schema_columns()
-    assert set(tables) == {'task', 'node_status', 'task_segment'}
+    assert set(tables) == {'task', 'node_status', 'task_segment', 'cluster_task', 'cluster_node'}
     assert set(_db.ACCEPTED_COLUMNS) | {'id', 'updated_at'} == set(tables['task'])
     assert set(_db.STATUS_COLUMNS) == set(tables['node_status'])
     assert set(_db.SEGMENT_COLUMNS) == set(tables['task_segment'])
     with open(_db.SCHEMA_FILE, encoding='utf-8') as f:
         text = f.read()
-    assert text.count('utf8mb4') >= 3 and text.count('ENGINE=InnoDB') == 3
+    assert text.count('utf8mb4') >= 3 and text.count('ENGINE=InnoDB') == 5
     assert 'UNIQUE KEY uq_task_speech_id (speech_id)' in text
 
 
@@ -184,7 +184,7 @@ def test_db_init_and_check_commands_and_password_from_environment(make_daemon, d
                          ' WHERE TABLE_SCHEMA = %s AND CHARACTER_SET_NAME IS NOT NULL', (dbname,))
     assert cols and {c['CHARACTER_SET_NAME'] for c in cols} == {'utf8mb4'}
     engines = query(dbname, 'SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = %s', (dbname,))
-    assert [e['ENGINE'] for e in engines] == ['InnoDB', 'InnoDB', 'InnoDB']
+    assert [e['ENGINE'] for e in engines] == ['InnoDB'] * 5
 
     query(dbname, 'ALTER TABLE task DROP COLUMN transcript')
     proc = d.cli('db', 'check')
@@ -656,5 +656,5 @@ def test_hostile_fields_are_stored_verbatim_and_harm_nothing(make_daemon, dbname
         assert r['transcript'] == TEXTS['en_hello.wav']
     tables = {t['TABLE_NAME'] for t in query(dbname, 'SELECT TABLE_NAME FROM information_schema.TABLES'
                                                      ' WHERE TABLE_SCHEMA = %s', (dbname,))}
-    assert tables == {'task', 'node_status', 'task_segment', 'x'}
+    assert tables == {'task', 'node_status', 'task_segment', 'cluster_task', 'cluster_node', 'x'}
     assert 'matches schema.sql' in d.cli('db', 'check', check=True).stdout

@@ -9,7 +9,8 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, 'tools'))
 import check_layout  # noqa: E402
 
-HEAVY = ('av', 'pymysql', 'requests', 'pocketsphinx', 'vosk', '_master', '_worker', '_audio', '_db', '_webhook')
+HEAVY = ('av', 'pymysql', 'requests', 'pocketsphinx', 'vosk', 'pika', '_master', '_worker', '_audio', '_db', '_webhook',
+         '_cluster_thread', '_cluster_db')
 
 
 def test_no_function_over_80_lines_no_class_over_400_no_import_cycle():

@@ -1,0 +1,516 @@
+"""Cluster mode's thread: the one owner of the pika BlockingConnection (quorum task queue with
+publisher confirms, a reply queue per node, the dead-letter queue) and of a PyMySQL connection
+(cluster_task, cluster_node). The master's loop only puts commands here and reads what this
+thread posts back; nothing here ever runs in the loop. Reconnects to both with backoff.
+"""
+import collections
+import glob
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import pika
+import pika.exceptions
+import pymysql
+
+import _cluster_db as cdb
+from _records import TaskRecord, unstamp
+from _tasks import answer_body
+
+log = logging.getLogger('cluster')
+
+BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+DB_ERRORS = (pymysql.err.MySQLError, OSError)
+PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type='application/json')
+# The longest a command waits in the queue while the broker's connection has nothing to say.
+IDLE_SECS = 0.2
+RETRY_MIN_SECS, RETRY_MAX_SECS = 0.5, 5.0
+REPLY_TTL_MS = 24 * 3600 * 1000
+
+
+def recorded_answer(folder, msg, since):
+    """The 2002 answer rebuilt from the last record of msg's speechID started after `since` in
+    the last two days' records files of `folder`, or None."""
+    sid = msg['speechID']
+    key = json.dumps(sid).encode('utf-8')
+    found = None
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), '[0-9]' * 8 + '.json')))[-2:]:
+        try:
+            with open(path, 'rb') as f:
+                for raw in f:
+                    if key not in raw:
+                        continue
+                    try:
+                        line = json.loads(raw)
+                        if line['data']['speechID'] == sid and unstamp(line['startTime']) >= since:
+                            found = line
+                    except (ValueError, KeyError, TypeError):
+                        continue        # a torn or foreign line
+        except OSError as exc:
+            log.warning('cluster: cannot read %s: %s', path, exc)
+    if found is None:
+        return None
+    rec = TaskRecord.from_line(found)
+    return answer_body(SimpleNamespace(speech_id=sid, request=msg['request']), rec, rec.state, rec.result)
+
+
+class Backoff:
+    """Delays between reconnection attempts: doubling from RETRY_MIN_SECS up to RETRY_MAX_SECS."""
+
+    def __init__(self):
+        self.delay = 0.0
+
+    def next(self):
+        self.delay = min(RETRY_MAX_SECS, max(RETRY_MIN_SECS, 2 * self.delay))
+        return self.delay
+
+
+def queue_names(base, node):
+    return {'tasks': base, 'dead': base + '.dead', 'reply': '%s.reply.%s' % (base, node)}
+
+
+def declare(channel, names, delivery_limit, passive=False):
+    """The quorum task queue (dead letters to <queue>.dead), the dead-letter queue, this node's
+    reply queue; returns the task queue's depth (ready messages)."""
+    ok = channel.queue_declare(names['tasks'], durable=True, passive=passive, arguments=None if passive else {
+        'x-queue-type': 'quorum', 'x-delivery-limit': delivery_limit,
+        'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': names['dead']})
+    if not passive:
+        channel.queue_declare(names['dead'], durable=True, arguments={'x-queue-type': 'quorum'})
+        # A dead node's answers are of no use once its clients are gone: they expire.
+        channel.queue_declare(names['reply'], durable=True, arguments={'x-message-ttl': REPLY_TTL_MS})
+    return ok.method.message_count
+
+
+class Connections:
+    """The cluster thread's two connections, each made again with backoff when it is lost."""
+
+    def connect_db(self):
+        try:
+            self.db = cdb.connect(self.cfg)
+            cdb.ensure_tables(self.db)
+        except DB_ERRORS as exc:
+            self.db = None
+            self.db_next = time.monotonic() + self.db_backoff.next()
+            log.warning('cluster: database unreachable (%s); trying again', exc)
+            return
+        self.db_backoff = Backoff()
+        log.info('cluster: database connected')
+
+    def drop_db(self, why):
+        if self.db is not None:
+            log.warning('cluster: database connection lost (%s)', why)
+            try:
+                self.db.close()
+            except DB_ERRORS:
+                pass
+        self.db = None
+        self.db_next = time.monotonic() + self.db_backoff.next()
+
+    def with_db(self, fn, *args):
+        if self.db is None:
+            return False
+        try:
+            return fn(self.db, *args) or True
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+            return False
+
+    def connect_broker(self):
+        params = pika.URLParameters(self.url)
+        params.heartbeat, params.socket_timeout, params.blocked_connection_timeout = 5, 3, 10
+        params.connection_attempts = 1
+        try:
+            conn = pika.BlockingConnection(params)
+            channel = conn.channel()
+            channel.confirm_delivery()
+            self.depth = declare(channel, self.names, self.limit)
+            channel.basic_consume(self.names['reply'], self.on_reply)
+        except BROKER_ERRORS as exc:
+            self.broker_next = time.monotonic() + self.broker_backoff.next()
+            log.warning('cluster: broker unreachable (%s); trying again in %.1f s', exc or type(exc).__name__,
+                        self.broker_next - time.monotonic())
+            return
+        self.conn, self.channel, self.gen = conn, channel, self.gen + 1
+        self.consuming, self.consumers = 0, ()
+        self.broker_backoff = Backoff()
+        self.held.clear()           # their deliveries went back to the queue with the old connection
+        self.running.clear()
+        self.apply_capacity()
+        log.info('cluster: broker connected (%d task(s) waiting to be published)',
+                 sum(1 for c in self.later if c[0] == 'submit'))
+
+    def drop_broker(self, why):
+        if self.conn is not None:
+            log.warning('cluster: broker connection lost (%s); tasks wait here until it is back', why or
+                        type(why).__name__)
+            try:
+                self.conn.close()
+            except BROKER_ERRORS:
+                pass
+        self.conn = self.channel = None
+        self.broker_next = time.monotonic() + self.broker_backoff.next()
+
+
+class ClusterThread(Connections, threading.Thread):
+    """`put(command)` from any thread; `post(event)` (given) hands events to the master's loop:
+    ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body),
+    ('refused', sid, token, result, message), ('published', sid, token), ('view', dict)."""
+
+    def __init__(self, cfg, node, token, post, waiting):
+        super().__init__(name='cluster', daemon=True)
+        c = cfg['cluster']
+        self.cfg, self.node, self.token, self.post, self.waiting = cfg, node, token, post, waiting
+        self.url = c['broker_url']
+        self.names = queue_names(c['queue'], node)
+        self.dead_secs, self.beat_secs = float(c['node_dead_secs']), float(c['heartbeat_secs'])
+        self.limit = int(c['delivery_limit'])
+        self.shared = c['shared_path']
+        self.commands = queue.Queue()
+        self.later = collections.deque()        # commands that wait for the broker or the database
+        self.held = {}                          # handle -> message a live node runs: watched until final
+        self.running = set()                    # handles of tasks this node runs now
+        self.delivered = []                     # (handle, message) consumed, not yet decided
+        self.conn = self.channel = self.db = None
+        self.gen = 0                            # which broker connection a delivery handle belongs to
+        self.capacity, self.consuming, self.consumers = 0, 0, ()
+        self.broker_backoff, self.db_backoff = Backoff(), Backoff()
+        self.broker_next = self.db_next = self.beat_next = 0.0
+        self.depth = None
+        self.stopping = False
+        self.published = self.replied = 0
+
+    # ------------------------------------------------------------ any thread
+
+    def put(self, command):
+        self.commands.put(command)
+        conn = self.conn
+        if conn is not None:
+            try:
+                conn.add_callback_threadsafe(lambda: None)      # wakes process_data_events
+            except BROKER_ERRORS:
+                pass
+
+    # ------------------------------------------------------------ the thread
+
+    def run(self):
+        log.info('cluster: node %s (life %s) on %s, queue %s', self.node, self.token[:8],
+                 self.url.split('@')[-1], self.names['tasks'])
+        while not (self.stopping and not self.later):
+            try:
+                self.step()
+            except Exception:  # the thread's one catch-all: drop both connections, back off, go on
+                log.error('cluster: unexpected error', exc_info=True)
+                self.drop_broker('unexpected error')
+                self.drop_db('unexpected error')
+                time.sleep(0.5)
+            if self.stopping and (self.conn is None or self.db is None):
+                break
+        self.finish()
+
+    def step(self):
+        now = time.monotonic()
+        if self.db is None and now >= self.db_next:
+            self.connect_db()
+        if self.conn is None and now >= self.broker_next and self.db is not None:
+            self.connect_broker()
+        self.take_commands()
+        if time.monotonic() >= self.beat_next:
+            self.beat_next = time.monotonic() + self.beat_secs
+            self.periodic()
+        wait = max(0.0, min(IDLE_SECS, self.beat_next - time.monotonic()))
+        if self.conn is not None:
+            try:
+                self.conn.process_data_events(time_limit=wait)
+            except BROKER_ERRORS as exc:
+                self.drop_broker(exc)
+            self.decide_all()
+        else:
+            try:
+                self.later.append(self.commands.get(timeout=wait))
+            except queue.Empty:
+                pass
+
+    def take_commands(self):
+        while True:
+            try:
+                self.later.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        self.prepare()
+        for _ in range(len(self.later)):
+            command = self.later.popleft()
+            if not self.do(command):
+                self.later.append(command)      # tried again once the broker or database is back
+
+    def do(self, command):
+        """Carry out one command; False when it must wait (broker or database down)."""
+        kind = command[0]
+        if kind == 'stop':
+            self.stopping = True
+            return True
+        if kind == 'capacity':
+            self.capacity = command[1]
+            self.apply_capacity()
+            return True
+        if kind == 'submit':
+            return self.submit(command[1])
+        if kind == 'finish':
+            return self.finish_task(*command[1:])
+        if kind == 'unrun':
+            return self.unrun(*command[1:])
+        if kind == 'forget':
+            return self.with_db(cdb.forget, *command[1:])
+        log.error('cluster: unknown command %r', kind)
+        return True
+
+    # ------------------------------------------------------------ connections
+
+    def prepare(self):
+        """The database work of every waiting submit and finish, in one transaction for each kind;
+        the commands then only publish and ack."""
+        subs = [c[1] for c in self.later if c[0] == 'submit' and 'entered' not in c[1]]
+        ends = [c for c in self.later if c[0] == 'finish' and not c[1].get('final')]
+        if self.db is None or len(subs) + len(ends) < 2:
+            return      # one alone: the command does it itself
+        try:
+            if subs:
+                done = cdb.in_transaction(self.db, lambda conn, m: cdb.insert(
+                    conn, m['speechID'], m['token'], self.node, m['source'], self.dead_secs), subs)
+                for msg, (entered, answer) in zip(subs, done):
+                    msg['entered'], msg['answer'] = entered, answer
+            if ends:
+                cdb.in_transaction(self.db, lambda conn, c: cdb.finish(
+                    conn, c[1]['speechID'], c[1]['token'], c[3]), ends)
+                for command in ends:
+                    command[1]['final'] = True
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+
+    def apply_capacity(self):
+        """Prefetch = what this node can run; none at all (prefetch 0 would mean no limit): no consumer."""
+        if self.channel is None or self.capacity == self.consuming:
+            return
+        try:
+            # A prefetch applies to consumers made after it: new ones take the new capacity.
+            for tag in self.consumers:
+                self.channel.basic_cancel(tag)
+            self.consumers = ()
+            if self.capacity > 0:
+                self.channel.basic_qos(prefetch_count=self.capacity)
+                # Dead letters (a task the broker saw return too often) are decided like any task:
+                # by its attempts in cluster_task, so the two counts cannot disagree.
+                self.consumers = (self.channel.basic_consume(self.names['tasks'], self.on_task),
+                                  self.channel.basic_consume(self.names['dead'],
+                                                             lambda *a: self.on_task(*a, dead=True)))
+        except BROKER_ERRORS as exc:
+            self.drop_broker(exc)
+            return
+        self.consuming = self.capacity
+
+    # ------------------------------------------------------------ origin: publish, answers
+
+    def submit(self, msg):
+        sid, token = msg['speechID'], msg['token']
+        if 'entered' not in msg:
+            if self.db is None:
+                return False
+            try:
+                msg['entered'], msg['answer'] = cdb.insert(self.db, sid, token, self.node, msg['source'],
+                                                           self.dead_secs)
+            except DB_ERRORS as exc:
+                self.drop_db(exc)
+                return False
+        if not msg['entered']:
+            self.post(('refused', sid, token, json.loads(msg['answer']) if msg['answer'] else None))
+            return True
+        if not self.publish(self.names['tasks'], {k: v for k, v in msg.items() if k not in ('entered', 'answer')}):
+            return False
+        msg['published'] = True
+        self.post(('published', sid, token))
+        return True
+
+    def publish(self, queue_name, msg):
+        if self.channel is None:
+            return False
+        try:
+            self.channel.basic_publish('', queue_name, json.dumps(msg, ensure_ascii=False).encode('utf-8'),
+                                       PERSISTENT, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            log.error('cluster: %s has no queue %s; message dropped', self.url.split('@')[-1], queue_name)
+            return True
+        except BROKER_ERRORS as exc:
+            self.drop_broker(exc)
+            return False
+        self.published += 1
+        return True
+
+    def on_reply(self, channel, method, props, body):
+        try:
+            msg = json.loads(body)
+            self.post(('answer', msg['speechID'], msg['token'], msg['answer']))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error('cluster: bad reply dropped (%s)', exc)
+        channel.basic_ack(method.delivery_tag)
+
+    # ------------------------------------------------------------ runner: take, finish
+
+    def on_task(self, channel, method, props, body, dead=False):
+        handle = (self.gen, method.delivery_tag)
+        try:
+            msg = json.loads(body)
+            msg['speechID'], msg['token']
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error('cluster: bad task message dropped (%s)', exc)
+            channel.basic_ack(method.delivery_tag)
+            return
+        msg['dead'] = dead
+        self.delivered.append((handle, msg))
+
+    def decide_all(self):
+        """The tasks just delivered: the queued ones taken in one transaction, the rest one by one."""
+        batch, self.delivered = self.delivered, []
+        if not batch:
+            return
+        taken = [False] * len(batch)
+        if self.db is not None and not self.stopping:
+            try:
+                taken = cdb.in_transaction(self.db, lambda conn, item: cdb.take_fast(
+                    conn, item[1]['speechID'], item[1]['token'], self.node, self.token, self.limit), batch)
+            except DB_ERRORS as exc:
+                self.drop_db(exc)
+        for (handle, msg), fast in zip(batch, taken):
+            if fast:
+                self.running.add(handle)
+                self.post(('run', msg, handle, None))
+            else:
+                self.decide(handle, msg)
+
+    def decide(self, handle, msg):
+        sid = msg['speechID']
+        if self.stopping:
+            return      # left unacked: it goes back to the queue when the connection closes
+        if self.db is None:
+            self.held[handle] = msg             # decided once the database is back
+            return
+        try:
+            what, detail = cdb.take(self.db, sid, msg['token'], self.node, self.token, self.dead_secs,
+                                    self.limit)
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+            self.held[handle] = msg
+            return
+        self.held.pop(handle, None)
+        if what == cdb.RUN:
+            attempts, dead_node = detail
+            answer = self.recorded(dead_node, msg) if dead_node else None
+            if answer is not None:
+                # Its node died after writing the record, before marking the row final: not run again.
+                log.warning('cluster: speechID=%s was recorded by %s before it died; answering from its record',
+                            sid, dead_node)
+                if not self.finish_task(msg, handle, answer):
+                    self.later.append(('finish', msg, handle, answer))
+                return
+            self.running.add(handle)
+            self.post(('run', msg, handle, attempts))
+        elif what == cdb.DEAD:
+            self.running.add(handle)
+            self.post(('dead', msg, handle, detail))
+        elif what == cdb.ANSWERED:
+            self.reply(msg, json.loads(detail) if detail else None)
+            self.ack(handle)
+        elif what == cdb.HOLD:
+            if handle not in self.held:
+                log.info('cluster: speechID=%s runs on %s, which is alive: waiting for its end', sid, detail)
+            self.held[handle] = msg
+        else:
+            log.info('cluster: speechID=%s token %s dropped: %s', sid, msg['token'][:8], detail)
+            self.ack(handle)
+
+    def recorded(self, node, msg):
+        """The answer of the task from `node`'s records on the shared storage, or None."""
+        if not self.shared:
+            return None
+        folder = os.path.join(self.shared, 'records', node)
+        # The runner's clock wrote startTime: a minute of skew is allowed.
+        return recorded_answer(folder, msg, float(msg.get('created') or 0) - 60)
+
+    def reply(self, msg, answer):
+        if answer is None:
+            return True
+        return self.publish(msg['reply'], {'speechID': msg['speechID'], 'token': msg['token'], 'answer': answer})
+
+    def ack(self, handle, requeue=None):
+        self.running.discard(handle)
+        if self.channel is None or handle[0] != self.gen:
+            return      # that delivery went back to the queue with its connection; its next taker sees the row
+        try:
+            if requeue is None:
+                self.channel.basic_ack(handle[1])
+            else:
+                self.channel.basic_nack(handle[1], requeue=requeue)
+        except BROKER_ERRORS as exc:
+            self.drop_broker(exc)
+
+    def finish_task(self, msg, handle, answer):
+        if not msg.get('final'):
+            if not self.with_db(cdb.finish, msg['speechID'], msg['token'], answer):
+                return False
+            msg['final'] = True
+        if not self.reply(msg, answer):
+            return False
+        self.replied += 1
+        self.ack(handle)
+        return True
+
+    def unrun(self, msg, handle):
+        if not self.with_db(cdb.unrun, msg['speechID'], msg['token'], self.token):
+            return False
+        self.ack(handle, requeue=True)
+        return True
+
+    # ------------------------------------------------------------ every heartbeat_secs
+
+    def periodic(self):
+        if self.db is not None and self.with_db(
+                cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped' if self.stopping else 'running',
+                self.conn is not None, self.capacity, len(self.running), self.waiting()):
+            for handle, msg in list(self.held.items()):
+                self.decide(handle, msg)
+            try:
+                view = cdb.view(self.db, self.dead_secs)
+            except DB_ERRORS as exc:
+                self.drop_db(exc)
+                view = None
+            if view is not None:
+                if self.channel is not None:
+                    try:
+                        self.depth = declare(self.channel, self.names, self.limit, passive=True)
+                    except BROKER_ERRORS as exc:
+                        self.drop_broker(exc)
+                view['queueDepth'] = self.depth
+                self.post(('view', view))
+
+    def finish(self):
+        for command in self.later:
+            if command[0] == 'submit' and command[1].get('entered') and not command[1].get('published'):
+                # Never published: the row goes, so the speechID is free again.
+                self.with_db(cdb.forget, command[1]['speechID'], command[1]['token'])
+        if self.db is not None:
+            self.with_db(cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped', False, 0, 0, 0)
+        for conn in (self.conn, self.db):
+            try:
+                if conn is not None:
+                    conn.close()
+            except BROKER_ERRORS + DB_ERRORS:
+                pass
+        log.info('cluster: stopped (%d published, %d answered, %d command(s) left)', self.published,
+                 self.replied, len(self.later))
+
+    def stop(self, timeout=10):
+        self.put(('stop',))
+        self.join(timeout)

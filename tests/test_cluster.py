@@ -1,0 +1,537 @@
+"""Cluster mode ([cluster] enabled) against real RabbitMQ (127.0.0.1:5672) and real MariaDB:
+real daemons, each test with its own queue name and its own database."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pika
+import psutil
+import pytest
+
+import _config
+from conftest import FIXTURES, ROOT, transcribe_req, wait_for
+from helpers import Closing, Proxy, db_section, monitor, query
+from legacy_engine import LegacyEngine
+
+BROKER = 'amqp://guest:guest@127.0.0.1:5672/%2F'
+
+
+def broker():
+    return pika.BlockingConnection(pika.URLParameters(BROKER))
+
+
+@pytest.fixture
+def qname():
+    """A queue name of this test's own; its queues are deleted at the end."""
+    name = 'svcmgr.t.%s' % uuid.uuid4().hex[:12]
+    yield name
+    delete_queues(name)
+
+
+def delete_queues(name):
+    out = subprocess.run(['rabbitmqctl', '-q', 'list_queues', 'name'], capture_output=True, text=True, timeout=60)
+    conn = broker()
+    try:
+        for q in out.stdout.split():
+            if q == name or q.startswith(name + '.'):
+                conn.channel().queue_delete(q)
+    finally:
+        conn.close()
+
+
+def cluster_ini(dbname, qname, node, dead=3.0, beat=0.5, extra=''):
+    return db_section(dbname, node=node) + (
+        '[cluster]\nenabled = true\nbroker_url = %s\nqueue = %s\nnode_dead_secs = %s\nheartbeat_secs = %s\n%s'
+        % (BROKER, qname, dead, beat, extra))
+
+
+@pytest.fixture
+def shared(tmp_path):
+    """The storage every node mounts: the audio lives here."""
+    folder = tmp_path / 'shared'
+    folder.mkdir()
+    return str(folder)
+
+
+@pytest.fixture
+def node(make_daemon, dbname, qname, shared):
+    def make(name, start=True, ini_extra='', **opts):
+        opts.setdefault('roots', 'batch, data, %s' % shared)
+        d = make_daemon(**opts)
+        d.write_ini(cluster_ini(dbname, qname, name, extra=ini_extra))
+        d.node = name
+        if start:
+            d.cli('db', 'init', check=True)
+            d.start()
+        return d
+    return make
+
+
+def recv_raw(c, timeout=60):
+    """One frame as the daemon sent it: (type, body bytes)."""
+    deadline = time.monotonic() + timeout
+    while not c.frames:
+        c.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = c.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError('closed')
+        c.frames.extend(c.decoder.feed(data))
+    return c.frames.pop(0)
+
+
+def put_fixture(shared, name, dest=None):
+    shutil.copy(os.path.join(FIXTURES, name), os.path.join(shared, dest or name))
+    return shared, dest or name
+
+
+def cluster_rows(dbname):
+    return {r['speech_id']: r for r in query(dbname, 'SELECT * FROM cluster_task')}
+
+
+def task_rows(dbname):
+    return {r['speech_id']: r for r in query(dbname, 'SELECT * FROM task')}
+
+
+# ---------------------------------------------------------------- configuration
+
+def test_cluster_needs_the_database_and_checks_its_keys(tmp_path):
+    ini = tmp_path / 'app.ini'
+    ini.write_text('[cluster]\nenabled = true\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'app.ini [cluster] enabled: cluster mode keeps its state in the database' in err.value.problems[0]
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nbroker_url = http://x/\nqueue = "a b"\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert any('broker_url' in p and 'amqp://' in p for p in err.value.problems)
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nqueue = "a b"\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'queue' in err.value.problems[0]
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nnode_dead_secs = 3\nheartbeat_secs = 2\n')
+    with pytest.raises(_config.ConfigError) as err:
+        _config.load(str(ini))
+    assert 'node_dead_secs' in err.value.problems[0]
+    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nshared_path = nfs\n')
+    cfg = _config.load(str(ini))
+    assert cfg['cluster']['shared_path'] == str(tmp_path / 'nfs') and cfg['cluster']['delivery_limit'] == 2
+
+
+def test_single_node_mode_loads_no_broker_client(daemon):
+    code = ('import sys; sys.path.insert(0, %r); import _master, _status\n'
+            'print("pika" in sys.modules, "_cluster_thread" in sys.modules)' % ROOT)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ['False', 'False'], out.stderr
+    assert 'cluster' not in monitor(daemon)
+    assert 'cluster' not in daemon.log_text().lower()
+
+
+# ---------------------------------------------------------------- one node
+
+def test_one_node_answers_byte_for_byte_as_single_node_mode(make_daemon, node, shared, dbname, qname):
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    single = make_daemon(roots='batch, data, %s' % shared).start()
+    one = node('n1')
+    answers = []
+    for d in (single, one):
+        with Closing(d.client()) as c:
+            c.send(1002, transcribe_req(folder, name, sid='same1'))
+            answers.append(recv_raw(c, 120))
+    assert answers[0][0] == answers[1][0] == 2002
+    assert answers[0][1] == answers[1][1], answers
+    assert json.loads(answers[1][1])['result'] == '0'
+    # One record, one final row, and the cluster row final with the same answer.
+    wait_for(lambda: len(one.records()) == 1, 30, 'the record')
+    rows = wait_for(lambda: (lambda r: r if r.get('same1', {}).get('finished_at') else None)(task_rows(dbname)),
+                    30, 'the final row')
+    assert rows['same1']['node'] == 'n1' and rows['same1']['result'] == '0'
+    crow = cluster_rows(dbname)['same1']
+    assert crow['state'] == 'final' and crow['origin_node'] == crow['run_node'] == 'n1' and crow['attempts'] == 1
+    assert json.loads(crow['answer']) == json.loads(answers[1][1])
+    body = monitor(one)
+    assert body['cluster']['node'] == 'n1' and body['cluster']['brokerUp'] is True
+    wait_for(lambda: monitor(one)['cluster'].get('alive') == 1, 10, 'the cluster view')
+
+
+# ---------------------------------------------------------------- several nodes
+
+def remote_node(node, name, **opts):
+    """A node whose engine is the scripted legacy engine (none logged in yet: it takes no task)."""
+    opts.setdefault('engine', 'remote')
+    opts.setdefault('workers', 1)
+    return node(name, **opts)
+
+
+def test_a_task_admitted_on_one_node_runs_on_another(node, shared, dbname, qname):
+    a, b = remote_node(node, 'na'), remote_node(node, 'nb')
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca, Closing(b.client()) as cb:
+        ca.send(1002, transcribe_req(folder, name, sid='x1'))
+        wait_for(lambda: cluster_rows(dbname).get('x1'), 30, 'the cluster row')
+        # No node has an engine yet: it waits in the queue. The same speechID on the other node is refused.
+        cb.send(1002, transcribe_req(folder, name, sid='x1'))
+        _, refused = cb.recv(30)
+        assert refused['result'] == '1' and 'already in progress in the cluster' in refused['message']
+        eng = LegacyEngine(b.port)
+        assert eng.start() == '0'
+        _, answer = ca.recv(60)
+    assert answer['result'] == '0' and answer['speechID'] == 'x1'
+    assert answer['transcript'] == '안녕하세요 고객님, x1 통화입니다'
+    assert [r['speechID'] for r in eng.received] == ['x1']
+    recs = b.wait_records(1)
+    assert [r['data']['speechID'] for r in recs] == ['x1'] and a.records() == []
+    row = wait_for(lambda: (lambda r: r if r.get('x1', {}).get('finished_at') else None)(task_rows(dbname)),
+                   30, 'the final row')['x1']
+    assert row['node'] == 'nb' and row['result'] == '0'
+    crow = cluster_rows(dbname)['x1']
+    assert (crow['origin_node'], crow['run_node'], crow['state'], crow['attempts']) == ('na', 'nb', 'final', 1)
+    # Every node sees the whole cluster: Monitor and `svcmgr.py cluster status`.
+    view = wait_for(lambda: (lambda c: c if c.get('alive') == 2 and c['queueDepth'] == 0 else None)(
+        monitor(a, 'cluster')['cluster']), 15, 'two nodes alive, the queue empty')
+    assert {n['node'] for n in view['nodes']} == {'na', 'nb'}
+    out = a.cli('cluster', 'status', check=True).stdout
+    assert '2 node(s) alive, 0 dead' in out and 'na ' in out and 'nb ' in out, out
+    js = json.loads(a.cli('cluster', 'status', '--json', check=True).stdout)
+    assert js['queue'] == {'tasks': 0, 'dead': 0} and js['alive'] == 2
+    eng.close()
+
+
+def test_tasks_spread_over_nodes_and_each_ends_once(node, shared, dbname, qname):
+    nodes = [remote_node(node, 'n%d' % i, workers=1) for i in range(3)]
+    engines = [LegacyEngine(d.port, delay=0.05) for d in nodes]
+    for e in engines:
+        assert e.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    sids = ['s%02d' % i for i in range(30)]
+    clients = [n.client() for n in nodes]
+    for i, sid in enumerate(sids):
+        clients[i % 3].send(1002, transcribe_req(folder, name, sid=sid))
+    answers = {}
+    for i, c in enumerate(clients):
+        for _, body in c.recv_n(10, timeout=120):
+            answers[body['speechID']] = body
+            assert body['speechID'] in sids[i::3]
+    assert sorted(answers) == sids and all(b['result'] == '0' for b in answers.values())
+    ran = [sorted(r['speechID'] for r in e.received) for e in engines]
+    assert sorted(sum(ran, [])) == sids
+    assert sum(1 for r in ran if r) >= 2, ran          # the queue spread them
+    recs = wait_for(lambda: (lambda r: r if len(r) >= 30 else None)(sum((n.records() for n in nodes), [])),
+                    60, '30 records')
+    assert sorted(r['data']['speechID'] for r in recs) == sids
+    rows = wait_for(lambda: (lambda r: r if sum(1 for x in r.values() if x['finished_at']) == 30 else None)(
+        task_rows(dbname)), 60, '30 final rows')
+    assert sorted(rows) == sids
+    for c in clients:
+        c.close()
+    for e in engines:
+        e.close()
+
+
+def test_shared_drop_folder_each_file_claimed_once(node, shared, dbname, qname):
+    drop = os.path.join(shared, 'drop')
+    os.makedirs(drop)
+    nodes = []
+    for i in range(2):
+        d = remote_node(node, 'd%d' % i, start=False)
+        with open(d.ini) as f:
+            text = f.read()
+        text = text.replace('scan_enabled = false', 'scan_enabled = true').replace(
+            'audio_source_path = batch', 'audio_source_path = %s' % drop).replace(
+            'scan_interval_secs = 1\n', 'scan_interval_secs = 0.3\n')
+        with open(d.ini, 'w') as f:
+            f.write(text)
+        d.cli('db', 'init', check=True)
+        nodes.append(d.start())
+    engines = [LegacyEngine(d.port) for d in nodes]
+    for e in engines:
+        assert e.start() == '0'
+    names = ['call-%02d.wav' % i for i in range(20)]
+    for n in names:
+        shutil.copy(os.path.join(FIXTURES, 'en_hello.wav'), os.path.join(drop, n + '.tmp'))
+    for n in names:
+        os.rename(os.path.join(drop, n + '.tmp'), os.path.join(drop, n))
+    recs = wait_for(lambda: (lambda r: r if len(r) >= 20 else None)(sum((d.records() for d in nodes), [])),
+                    120, '20 records')
+    time.sleep(0.5)
+    recs = sum((d.records() for d in nodes), [])
+    assert len(recs) == 20 and len({r['data']['speechID'] for r in recs}) == 20
+    assert sorted(r['request']['fileName'] for r in recs) == names
+    wait_for(lambda: not os.listdir(os.path.join(drop, '.processing')) if os.path.isdir(
+        os.path.join(drop, '.processing')) else True, 30, '.processing emptied')
+    assert [n for n in os.listdir(drop) if not n.startswith('.')] == []
+    assert sum(len(e.received) for e in engines) == 20
+    for e in engines:
+        e.close()
+
+
+# ---------------------------------------------------------------- faults
+
+def kill(d):
+    """The node's machine dies: the master and every child SIGKILLed at once."""
+    procs = d.processes()
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def final_rows(dbname, n):
+    return wait_for(lambda: (lambda r: r if sum(1 for x in r.values() if x['finished_at']) >= n else None)(
+        task_rows(dbname)), 60, '%d final rows' % n)
+
+
+def test_a_killed_node_s_tasks_run_elsewhere_once(node, shared, dbname, qname):
+    a, b, c = (remote_node(node, n) for n in ('ka', 'kb', 'kc'))
+    eb = LegacyEngine(b.port, mode='silent')        # takes the tasks and never answers
+    assert eb.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        for sid in ('k1', 'k2'):
+            ca.send(1002, transcribe_req(folder, name, sid=sid))
+        wait_for(lambda: [r['run_node'] for r in cluster_rows(dbname).values()] == ['kb', 'kb'], 30,
+                 'both tasks taken by kb')
+        wait_for(lambda: eb.received, 30, 'kb sent a 3001')
+        ec = LegacyEngine(c.port)
+        assert ec.start() == '0'
+        t0 = time.monotonic()
+        kill(b)
+        answers = {body['speechID']: body for _, body in ca.recv_n(2, timeout=60)}
+        waited = time.monotonic() - t0
+    assert {s: b['result'] for s, b in answers.items()} == {'k1': '0', 'k2': '0'}
+    assert sorted(r['speechID'] for r in ec.received) == ['k1', 'k2']
+    # Held while kb's heartbeat was fresh (node_dead_secs = 3), then run on kc.
+    assert 2.4 < waited < 30, waited
+    assert sorted(r['data']['speechID'] for r in c.wait_records(2)) == ['k1', 'k2']
+    assert b.records() == [] and a.records() == []
+    rows = final_rows(dbname, 2)
+    assert {s: (r['node'], r['result']) for s, r in rows.items()} == {'k1': ('kc', '0'), 'k2': ('kc', '0')}
+    crows = cluster_rows(dbname)
+    assert all(r['run_node'] == 'kc' and r['attempts'] == 2 and r['state'] == 'final' for r in crows.values())
+    view = wait_for(lambda: (lambda v: v if v.get('dead') == 1 else None)(monitor(a, 'cluster')['cluster']),
+                    15, 'kb seen dead')
+    assert [n['node'] for n in view['nodes'] if not n['alive']] == ['kb']
+    ec.close()
+
+
+def test_a_task_that_kills_its_node_twice_ends_with_result_9(node, shared, dbname, qname):
+    a, b, c = (remote_node(node, n) for n in ('pa', 'pb', 'pc'))
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='p1'))
+        for victim in (b, c):
+            eng = LegacyEngine(victim.port, mode='silent')
+            assert eng.start() == '0'
+            wait_for(lambda: eng.received, 60, '%s took the task' % victim.node)
+            kill(victim)
+        b.start()       # a new life of pb, with an engine that answers: it must not run the task a third time
+        eb = LegacyEngine(b.port)
+        assert eb.start() == '0'
+        _, answer = ca.recv(60)
+    assert answer['result'] == '9' and 'started 2 time(s)' in answer['message'], answer
+    assert eb.received == []
+    recs = b.wait_records(1)
+    assert [(r['data']['speechID'], r['data']['result']) for r in recs] == [('p1', '9')]
+    rows = final_rows(dbname, 1)
+    assert rows['p1']['result'] == '9' and rows['p1']['node'] == 'pb'
+    assert cluster_rows(dbname)['p1']['attempts'] == 3
+    eb.close()
+
+
+def test_a_cut_broker_connection_of_a_live_node_runs_nothing_twice(node, shared, dbname, qname):
+    proxy = Proxy(target=('127.0.0.1', 5672))
+    try:
+        a = remote_node(node, 'ca')
+        b = remote_node(node, 'cb', ini_extra='', start=False)
+        with open(b.ini) as f:
+            text = f.read()
+        with open(b.ini, 'w') as f:
+            f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
+        b.cli('db', 'init', check=True)
+        b.start()
+        c = remote_node(node, 'cc')
+        eb = LegacyEngine(b.port, delay=4.0)
+        assert eb.start() == '0'
+        folder, name = put_fixture(shared, 'en_hello.wav')
+        with Closing(a.client()) as ca:
+            ca.send(1002, transcribe_req(folder, name, sid='c1'))
+            wait_for(lambda: eb.received, 30, 'cb sent a 3001')
+            ec = LegacyEngine(c.port)
+            assert ec.start() == '0'
+            proxy.cut()                 # cb is alive, its broker connection is gone: c1 is redelivered to cc
+            _, answer = ca.recv(60)
+            assert answer['result'] == '0' and answer['transcript'].endswith('c1 통화입니다')
+            proxy.restore()
+            with pytest.raises(TimeoutError):
+                ca.recv(3)              # one answer only
+        assert ec.received == []
+        assert [r['data']['speechID'] for r in b.wait_records(1)] == ['c1'] and c.records() == []
+        wait_for(lambda: monitor(b, 'cluster')['cluster']['brokerUp'], 30, 'cb reconnected')
+        rows = final_rows(dbname, 1)
+        assert rows['c1']['node'] == 'cb' and cluster_rows(dbname)['c1']['attempts'] == 1
+        eb.close()
+        ec.close()
+    finally:
+        proxy.close()
+
+
+def test_broker_down_tasks_wait_bounded_by_max_tasks_then_all_run(node, shared, dbname, qname):
+    proxy = Proxy(target=('127.0.0.1', 5672))
+    try:
+        a = remote_node(node, 'wa', max_tasks=3, start=False)
+        with open(a.ini) as f:
+            text = f.read()
+        with open(a.ini, 'w') as f:
+            f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
+        a.cli('db', 'init', check=True)
+        a.start()
+        b = remote_node(node, 'wb')
+        eb = LegacyEngine(b.port)
+        assert eb.start() == '0'
+        wait_for(lambda: monitor(a, 'cluster')['cluster']['brokerUp'], 30, 'wa connected')
+        proxy.cut()
+        wait_for(lambda: not monitor(a, 'cluster')['cluster']['brokerUp'], 30, 'wa sees the broker gone')
+        folder, name = put_fixture(shared, 'en_hello.wav')
+        with Closing(a.client()) as ca:
+            for i in range(4):
+                ca.send(1002, transcribe_req(folder, name, sid='w%d' % i))
+            _, over = ca.recv(30)
+            assert over['speechID'] == 'w3' and over['result'] == '6', over
+            with pytest.raises(TimeoutError):
+                ca.recv(2)              # the other three wait here
+            proxy.restore()
+            answers = {body['speechID']: body['result'] for _, body in ca.recv_n(3, timeout=60)}
+        assert answers == {'w0': '0', 'w1': '0', 'w2': '0'}
+        assert sorted(r['data']['speechID'] for r in b.wait_records(3)) == ['w0', 'w1', 'w2']
+        eb.close()
+    finally:
+        proxy.close()
+
+
+def scanning_node(node, name, drop, **opts):
+    d = remote_node(node, name, start=False, **opts)
+    with open(d.ini) as f:
+        text = f.read()
+    with open(d.ini, 'w') as f:
+        f.write(text.replace('scan_enabled = false', 'scan_enabled = true').replace(
+            'audio_source_path = batch', 'audio_source_path = %s' % drop).replace(
+            'scan_interval_secs = 1\n', 'scan_interval_secs = 0.3\n'))
+    d.cli('db', 'init', check=True)
+    return d.start()
+
+
+def test_orphaned_claims_are_adopted_once_their_node_is_dead(node, shared, dbname, qname):
+    drop = os.path.join(shared, 'drop')
+    proc = os.path.join(drop, '.processing')
+    os.makedirs(proc)
+    # What dead nodes left: claimed before entering a row; entered, never published; and recorded
+    # but not moved out.
+    orphans = {'20261201_040000_000001': 'never-entered.wav', '20261201_040000_000002': 'never-published.wav',
+               '20261201_040000_000003': 'recorded.wav'}
+    for sid, name in orphans.items():
+        shutil.copy(os.path.join(FIXTURES, 'en_hello.wav'), os.path.join(proc, '%s__%s' % (sid, name)))
+    d = remote_node(node, 'o1', start=False)
+    d.cli('db', 'init', check=True)
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, state, attempts, source, created_at,"
+                  " updated_at) VALUES ('20261201_040000_000002', 'old', 'ghost', 'queued', 0, 'scanner',"
+                  " NOW(6) - INTERVAL 1 HOUR, NOW(6) - INTERVAL 1 HOUR)")
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, run_node, state, attempts, source,"
+                  " answer, created_at) VALUES ('20261201_040000_000003', 'old3', 'ghost', 'ghost', 'final', 1,"
+                  " 'scanner', %s, NOW(6))",
+          (json.dumps({'result': '0', 'state': 'DONE', 'speechID': '20261201_040000_000003'}),))
+    t0 = time.monotonic()
+    a = scanning_node(node, 'o1', drop)
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    recs = wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(a.records()), 60, 'two records')
+    assert time.monotonic() - t0 > 2.5        # not before node_dead_secs
+    assert sorted(r['data']['speechID'] for r in recs) == ['20261201_040000_000001', '20261201_040000_000002']
+    wait_for(lambda: not os.path.isdir(proc) or not os.listdir(proc), 30, '.processing emptied')
+    assert sorted(r['speechID'] for r in eng.received) == ['20261201_040000_000001', '20261201_040000_000002']
+    time.sleep(1)
+    assert len(a.records()) == 2
+    rows = final_rows(dbname, 2)
+    assert '20261201_040000_000003' not in rows
+    eng.close()
+
+
+def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_again(node, shared, dbname,
+                                                                                       qname):
+    from _records import stamp
+    a = remote_node(node, 'r1', ini_extra='shared_path = %s\n' % shared)
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    req = transcribe_req(folder, name, sid='rr1')
+    now = time.time()
+    ghost = os.path.join(shared, 'records', 'ghost')
+    os.makedirs(ghost)
+    line = {'data': {'speechID': 'rr1', 'transcript': 'from the record', 'result': '0'}, 'socket': None,
+            'state': 'DONE', 'startTime': stamp(now), 'endTime': stamp(now + 0.5), 'processInterval': [],
+            'source': 'client', 'worker': 1, 'duration': 1.5, 'request': {k: v for k, v in req.items()
+                                                                          if k != 'speechID'},
+            'audioWAV': 'rr1.wav', 'audioMP3': ''}
+    with open(os.path.join(ghost, time.strftime('%Y%m%d') + '.json'), 'w') as f:
+        f.write(json.dumps(line, ensure_ascii=False) + '\n')
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, run_node, run_token, state, attempts,"
+                  " source, created_at) VALUES ('rr1', 'tok1', 'ghost', 'ghost', 'life1', 'running', 1, 'client',"
+                  " NOW(6))")
+    conn = broker()
+    try:
+        ch = conn.channel()
+        reply = qname + '.reply.tester'
+        ch.queue_declare(reply, durable=True)
+        ch.basic_publish('', qname, json.dumps({
+            'speechID': 'rr1', 'token': 'tok1', 'request': req, 'source': 'client', 'keepSource': False,
+            'filePathRaw': None, 'origin': 'ghost', 'reply': reply, 'created': now}).encode(),
+            pika.BasicProperties(delivery_mode=2))
+
+        def answer():
+            method, _, body = ch.basic_get(reply, auto_ack=True)
+            return json.loads(body) if method else None
+        got = wait_for(answer, 30, 'the answer on the reply queue')
+    finally:
+        conn.close()
+    assert got['answer']['transcript'] == 'from the record' and got['answer']['result'] == '0'
+    assert got['answer']['audioWAV'] == 'rr1.wav' and got['token'] == 'tok1'
+    assert eng.received == []
+    crow = cluster_rows(dbname)['rr1']
+    assert crow['state'] == 'final' and crow['run_node'] == 'r1'
+    mine = os.path.join(shared, 'records', 'r1')
+    assert not os.path.exists(mine) or not os.listdir(mine)
+    # With shared_path, a node's own records go to <shared_path>/records/<node>/.
+    with Closing(a.client()) as c:
+        c.send(1002, transcribe_req(folder, name, sid='rr2'))
+        assert c.recv(30)[1]['result'] == '0'
+    path = os.path.join(mine, time.strftime('%Y%m%d') + '.json')
+    wait_for(lambda: os.path.exists(path) and 'rr2' in open(path).read(), 30, 'the record on the shared storage')
+    assert a.records() == []
+    eng.close()
+
+
+def test_a_stopped_node_gives_its_unfinished_tasks_back_to_the_queue(node, shared, dbname, qname):
+    a, b = remote_node(node, 'ta'), remote_node(node, 'tb', graceful=1)
+    eb = LegacyEngine(b.port, mode='silent')
+    assert eb.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='t1'))
+        wait_for(lambda: eb.received, 30, 'tb sent a 3001')
+        b.stop()                # SIGTERM: the task is not done within graceful_timeout_secs
+        crow = cluster_rows(dbname)['t1']
+        assert (crow['state'], crow['attempts']) == ('queued', 0)
+        c = remote_node(node, 'tc')
+        ec = LegacyEngine(c.port)
+        assert ec.start() == '0'
+        _, answer = ca.recv(60)
+    assert answer['result'] == '0' and [r['speechID'] for r in ec.received] == ['t1']
+    assert b.records() == [] and [r['data']['speechID'] for r in c.wait_records(1)] == ['t1']
+    rows = final_rows(dbname, 1)
+    assert rows['t1']['node'] == 'tc'
+    ec.close()
