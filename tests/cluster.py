@@ -76,7 +76,8 @@ class Node(Daemon):
                 ('directory', 'scan_enabled', 'true' if c.scan else 'false'),
                 ('directory', 'scan_interval_secs', '0.5'),
                 ('directory', 'scan_settle_secs', '0.3'),
-                ('server', 'server_seq', str(self.index + 1))):
+                ('server', 'server_seq', str(self.index + 1)),
+                ('setting', 'log_level', self.opts.get('log_level', 'debug'))):
             text = ini_set(text, section, key, value)
         text += db_section(c.dbname, node=self.name)
         if c.webhook_url:

@@ -2,7 +2,6 @@
 daemon, the MariaDB of this machine, a TCP proxy that can cut or hang a connection, and a
 webhook receiver.
 Fixtures built on them live in conftest.py."""
-import http.server
 import json
 import socket
 import threading
@@ -173,6 +172,9 @@ class Receiver:
     requests seen with the same webhook-id, from 1."""
 
     def __init__(self, port=0, behaviour=None):
+        # Imported here: a bench run as bench/X.py has bench/ first on sys.path, where bench/http.py
+        # would shadow the http package for every module that imports this one.
+        import http.server
         self.requests = []
         self.lock = threading.Lock()
         self.release = threading.Event()   # ends every hang at once (stop)
