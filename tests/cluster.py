@@ -22,7 +22,7 @@ import psutil
 import pymysql
 
 from conftest import FIXTURES, INI_TEMPLATE, Client, Daemon, transcribe_req, wait_for
-from helpers import Proxy, Receiver, db_section, free_port, query, server_connection
+from helpers import Proxy, Receiver, db_section, free_port, monitor, query, server_connection
 from legacy_engine import LegacyEngine
 
 BROKER = ('127.0.0.1', 5672)
@@ -392,6 +392,18 @@ class Cluster:
             os.rename(part, os.path.join(self.drop, final))
             names.append(final)
         return names
+
+    def quiet(self):
+        """True when no live node holds a task admitted there that is not answered yet (Monitor's
+        `cluster` part: waiting); what a dead node held is the cluster's to finish."""
+        for node in self.live_nodes():
+            try:
+                part = monitor(node, 'cluster').get('cluster') or {}
+            except (OSError, AssertionError):
+                return False
+            if part.get('waiting', 0) or part.get('unpublished', 0):
+                return False
+        return True
 
     # ------------------------------------------------------------ counting
 
