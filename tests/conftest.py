@@ -368,3 +368,25 @@ def chromium_path():
 @pytest.fixture(scope='session')
 def prometheus_path():
     return debian_program('prometheus', 'prometheus')
+
+
+@pytest.fixture(scope='session')
+def haproxy_path():
+    # /usr/sbin may be missing from a non-root PATH: ask for the package's path itself.
+    return debian_program('/usr/sbin/haproxy', 'haproxy')
+
+
+@pytest.fixture
+def make_cluster(tmp_path, haproxy_path, dbname):
+    """make_cluster(n=3, cluster_mode=..., ...): a started tests/cluster.Cluster in its own
+    folder, database and queue; stopped, its queues deleted and its database dropped after."""
+    from cluster import Cluster
+    made = []
+
+    def make(**kw):
+        c = Cluster(tmp_path / ('cluster%d' % len(made)), haproxy_path, dbname, **kw)
+        made.append(c)
+        return c.start()
+    yield make
+    for c in made:
+        c.close()

@@ -1,6 +1,8 @@
 """Helpers shared by several test modules: Monitor and records checks against a running
-daemon, the MariaDB of this machine, and a TCP proxy that can cut or hang a connection.
+daemon, the MariaDB of this machine, a TCP proxy that can cut or hang a connection, and a
+webhook receiver.
 Fixtures built on them live in conftest.py."""
+import json
 import socket
 import threading
 import time
@@ -160,6 +162,84 @@ class Proxy:
 
     def close(self):
         self.cut()
+
+
+# ---------------------------------------------------------------- a webhook receiver
+
+class Receiver:
+    """A threaded http.server on 127.0.0.1 that records every POST and answers as
+    `behaviour(request, nth)` says: (status, headers, body, hang_secs). `nth` counts the
+    requests seen with the same webhook-id, from 1."""
+
+    def __init__(self, port=0, behaviour=None):
+        # Imported here: a bench run as bench/X.py has bench/ first on sys.path, where bench/http.py
+        # would shadow the http package for every module that imports this one.
+        import http.server
+        self.requests = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()   # ends every hang at once (stop)
+        self.behaviour = behaviour or (lambda req, nth: (200, {}, b'ok', 0))
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                req = {'path': self.path, 'headers': {k.lower(): v for k, v in self.headers.items()},
+                       'body': body, 'time': time.monotonic()}
+                with receiver.lock:
+                    nth = 1 + sum(1 for r in receiver.requests
+                                  if r['headers'].get('webhook-id') == req['headers'].get('webhook-id'))
+                    receiver.requests.append(req)
+                status, headers, answer, hang = receiver.behaviour(req, nth)
+                if hang:
+                    receiver.release.wait(hang)
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header('Content-Length', str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                except OSError:
+                    pass          # the sender gave up waiting: that is the point of a hang
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            block_on_close = False
+
+            def handle_error(self, request, client_address):
+                pass      # a sender that closed its keep-alive connection: nothing to report
+
+        self.server = Server(('127.0.0.1', port), Handler)
+        self.port = self.server.server_port
+        self.url = 'http://127.0.0.1:%d/hook' % self.port
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.05},
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def bodies(self):
+        with self.lock:
+            return [json.loads(r['body']) for r in self.requests]
+
+    def speech_ids(self):
+        return {b['speechID'] for b in self.bodies()}
+
+    def by_id(self):
+        out = {}
+        with self.lock:
+            for r in self.requests:
+                out.setdefault(r['headers']['webhook-id'], []).append(r)
+        return out
 
 
 # ---------------------------------------------------------------- the task table without a daemon

@@ -4,7 +4,6 @@ and end to end with the real daemon (delivery, SIGKILL with a full outbox, redel
 import base64
 import hashlib
 import hmac
-import http.server
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import psutil
 import pytest
 
 from conftest import expected_texts, free_port, transcribe_req, wait_for
-from helpers import monitor
+from helpers import Receiver, monitor
 import _webhook
 from _records import FINAL, TaskRecord
 from _webhook import Outbox, Settings, WebhookSink
@@ -23,81 +22,6 @@ from _webhook import Outbox, Settings, WebhookSink
 TEXTS = expected_texts()
 KEY = b'0123456789abcdef0123456789abcdef'
 SECRET = 'whsec_' + base64.b64encode(KEY).decode()
-
-
-# ------------------------------------------------------------------ a receiver in this process
-
-class Receiver:
-    """A threaded http.server on 127.0.0.1 that records every POST and answers as
-    `behaviour(request, nth)` says: (status, headers, body, hang_secs). `nth` counts the
-    requests seen with the same webhook-id, from 1."""
-
-    def __init__(self, port=0, behaviour=None):
-        self.requests = []
-        self.lock = threading.Lock()
-        self.release = threading.Event()   # ends every hang at once (stop)
-        self.behaviour = behaviour or (lambda req, nth: (200, {}, b'ok', 0))
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = 'HTTP/1.1'
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
-                req = {'path': self.path, 'headers': {k.lower(): v for k, v in self.headers.items()},
-                       'body': body, 'time': time.monotonic()}
-                with receiver.lock:
-                    nth = 1 + sum(1 for r in receiver.requests
-                                  if r['headers'].get('webhook-id') == req['headers'].get('webhook-id'))
-                    receiver.requests.append(req)
-                status, headers, answer, hang = receiver.behaviour(req, nth)
-                if hang:
-                    receiver.release.wait(hang)
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header('Content-Length', str(len(answer)))
-                    self.end_headers()
-                    self.wfile.write(answer)
-                except OSError:
-                    pass          # the sender gave up waiting: that is the point of a hang
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-            block_on_close = False
-
-            def handle_error(self, request, client_address):
-                pass      # a sender that closed its keep-alive connection: nothing to report
-
-        self.server = Server(('127.0.0.1', port), Handler)
-        self.port = self.server.server_port
-        self.url = 'http://127.0.0.1:%d/hook' % self.port
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.05},
-                                       daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-    def bodies(self):
-        with self.lock:
-            return [json.loads(r['body']) for r in self.requests]
-
-    def speech_ids(self):
-        return {b['speechID'] for b in self.bodies()}
-
-    def by_id(self):
-        out = {}
-        with self.lock:
-            for r in self.requests:
-                out.setdefault(r['headers']['webhook-id'], []).append(r)
-        return out
 
 
 @pytest.fixture
