@@ -403,8 +403,12 @@ def test_swaps_at_random_moments_touch_nothing_outside(swap_rig, plan, swaps, se
     state['swaps'] += swapper.count
     assert snapshot(state['outside']) == state['before']        # the property itself, first
     assert sorted(a['speechID'] for a in answers) == sorted(r['speechID'] for r in reqs)
-    # 4: the swap itself (rename away, then link) leaves a moment when the folder is not there at all.
-    assert {a['result'] for a in answers} <= {'0', '4', '7'}, [a for a in answers if a['result'] not in '047']
+    # 4: the swap itself (rename away, then link) leaves a moment when the folder is not there at all;
+    # 9 with "cannot write to audioPath" is the same moment met by the output folder.
+    def expected(a):
+        return a['result'] in '047' or (a['result'] == '9' and a.get('message', '').startswith(
+            'cannot write to audioPath'))
+    assert all(expected(a) for a in answers), [a for a in answers if not expected(a)]
     assert 'Traceback' not in d.log_text()
 
 
@@ -415,6 +419,6 @@ def test_swap_rig_recorded_every_task(swap_rig):
     print('swap fuzz: %d tasks, %d swaps, results %s' % (state['next'], state['swaps'], dict(state['results'])))
     # The swaps did hit tasks (7) and did not stop the others (0).
     assert state['results']['0'] > 0 and state['results']['7'] > 0, state['results']
-    assert set(state['results']) <= {'0', '4', '7'}, state['results']
+    assert set(state['results']) <= {'0', '4', '7', '9'}, state['results']
     assert_records_match(swap_rig)
     assert snapshot(swap_rig.state['outside']) == swap_rig.state['before']
