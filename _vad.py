@@ -178,9 +178,9 @@ def recognize(engine, channels, settings, beat=None, tag=''):
                 beat()
         return out
     out = []
-    for gated in gate(channels, rate, settings):
+    for pcm, gated in zip(channels, gate(channels, rate, settings)):
         log.debug('%s: vad keeps %.0f %% of %.1f s', tag, 100 * gated.kept_share, gated.source_samples / rate)
-        rec = engine.recognize(gated.pcm) if gated.pcm else Recognition('')
+        rec = engine.recognize_kept(gated.pcm, pcm) if gated.pcm else Recognition('')
         out.append(_remap(rec, gated, rate))
         if beat:
             beat()

@@ -25,6 +25,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+# bench/http.py would stand for the standard library's http (vosk imports requests).
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
@@ -72,13 +74,15 @@ def engine_cpu(engine, calls, label):
 def daemon_run(base, calls, everything_on):
     d = Daemon(base, workers=2, max_tasks=len(calls) + 10, timeout=3600, roots='/', engine='vosk',
                model='ko', mp3='true')
-    extra = ('vad = %s\nkeep_recognizer = %s\n' % (('true',) * 2 if everything_on else ('false',) * 2))
-    d.write_ini(extra)
+    # Under [engine]: appended at the end, the keys would land in the [http] section.
+    keys = ('vad = %s\nkeep_recognizer = %s\n' % (('true',) * 2 if everything_on else ('false',) * 2))
+    d.write_ini()
     with open(d.ini) as f:
         text = f.read()
+    assert text.count('[engine]\n') == 1
     with open(d.ini, 'w') as f:
-        f.write(text.replace('mp3_backup = true', 'mp3_backup = true\nmp3_encoder = %s'
-                             % ('lameenc' if everything_on else 'pyav')))
+        f.write(text.replace('[engine]\n', '[engine]\n' + keys).replace(
+            'mp3_backup = true', 'mp3_backup = true\nmp3_encoder = %s' % ('lameenc' if everything_on else 'pyav')))
     d.start()
     try:
         client = d.client(timeout=3600)

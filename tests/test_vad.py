@@ -64,6 +64,24 @@ def test_only_speech_reaches_the_engine_and_times_map_back(sphinx):
         assert 6.5 - 0.15 <= word.start < word.end <= 6.5 + len(voice) / RATE + 0.15
 
 
+def test_kept_parts_are_heard_with_the_channels_mean(sphinx):
+    signal = noisy_silence(8.0, 3)
+    voice = speech()
+    signal[RATE:RATE + len(voice)] += voice
+    whole = pcm_of(signal)
+    # The mean held fixed in live mode gives the features of a batch decode: on the whole
+    # channel, the very words, times and confidences of recognize().
+    assert sphinx.recognize_kept(whole, whole) == sphinx.recognize(whole)
+    whole_mean = sphinx._batch_cmn(whole)
+    # Left-out audio up to a quarter of the kept: the whole channel's mean, as without the gate.
+    most = pcm_of(signal[:int(6.5 * RATE)])
+    assert sphinx._kept_cmn(most, whole) == whole_mean
+    # More (hiss, 3x the kept here) counts only that much: c0 between the two.
+    part = pcm_of(signal[RATE // 2:RATE + len(voice) + RATE // 2])
+    c0 = [float(m.split(',')[0]) for m in (sphinx._batch_cmn(part), sphinx._kept_cmn(part, whole), whole_mean)]
+    assert c0[0] > c0[1] > c0[2] or c0[0] < c0[1] < c0[2]
+
+
 def test_silence_gives_no_engine_input(sphinx):
     gated, = _vad.gate([pcm_of(noisy_silence(5.0))], RATE, _vad.VadSettings())
     assert gated.pcm == b'' and gated.spans == []
@@ -120,9 +138,11 @@ def test_call_sets_accuracy_with_and_without_vad(sphinx, calls):
                 off_speech[enabled][1] += total
         wer[name] = {k: jiwer.wer(refs[k], hyps[k]) for k in (False, True)}
     print('WER without/with VAD %s; words off speech %s' % (wer, off_speech))
+    # Issue 17: with the gate, at most 0.5 points of WER more than without, on both sets.
+    # pocketsphinx with deterministic = true gives the same words on every run. Before the
+    # kept parts were heard with the channel's cepstral mean, mono measured +1.6 points.
     assert wer['stereo'][True] <= wer['stereo'][False] + 0.005
-    # Mono: measured +1.6 points on this call (28.8 % -> 30.4 %), short of the 0.5 target.
-    assert wer['mono'][True] <= wer['mono'][False] + 0.02
+    assert wer['mono'][True] <= wer['mono'][False] + 0.005
     # Times stay on the speech: at most 2 % of the words more than 0.15 s away from it.
     off, total = off_speech[True]
     assert total > 100 and off <= 0.02 * total
