@@ -279,8 +279,7 @@ class ClusterThread(Connections, threading.Thread):
             return      # one alone: the command does it itself
         try:
             if subs:
-                done = cdb.in_transaction(self.db, lambda conn, m: cdb.insert(
-                    conn, m['speechID'], m['token'], self.node, m['source'], self.dead_secs), subs)
+                done = cdb.in_transaction(self.db, self.enter, subs)
                 for msg, (entered, answer) in zip(subs, done):
                     msg['entered'], msg['answer'] = entered, answer
             if ends:
@@ -320,8 +319,7 @@ class ClusterThread(Connections, threading.Thread):
             if self.db is None:
                 return False
             try:
-                msg['entered'], msg['answer'] = cdb.insert(self.db, sid, token, self.node, msg['source'],
-                                                           self.dead_secs)
+                msg['entered'], msg['answer'] = self.enter(self.db, msg)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
                 return False
@@ -333,6 +331,27 @@ class ClusterThread(Connections, threading.Thread):
         msg['published'] = True
         self.post(('published', sid, token))
         return True
+
+    def enter(self, conn, msg):
+        """Insert the task's row, with the message a live node publishes again if this life dies first."""
+        return cdb.insert(conn, msg['speechID'], msg['token'], self.node, msg['source'], self.dead_secs, self.token,
+                          json.dumps(msg, ensure_ascii=False))
+
+    def sweep(self):
+        """Publish again what dead lives entered and may never have published (a duplicate finds the
+        row taken or final: take() never runs a task twice)."""
+        try:
+            found = cdb.orphans(self.db, self.node, self.token, self.dead_secs)
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+            return
+        for sid, message in found:
+            log.warning('cluster: speechID=%s was entered by a node that died before its end; publishing it again',
+                        sid)
+            try:
+                self.publish(self.names['tasks'], json.loads(message))
+            except ValueError as exc:
+                log.error('cluster: speechID=%s: unreadable message (%s)', sid, exc)
 
     def publish(self, queue_name, msg):
         if self.channel is None:
@@ -481,6 +500,8 @@ class ClusterThread(Connections, threading.Thread):
                 self.conn is not None, self.capacity, len(self.running), self.waiting()):
             for handle, msg in list(self.held.items()):
                 self.decide(handle, msg)
+            if self.channel is not None and not self.stopping:
+                self.sweep()
             try:
                 view = cdb.view(self.db, self.dead_secs)
             except DB_ERRORS as exc:
