@@ -197,9 +197,16 @@ def unrun(conn, sid, token, my_token):
         cur.execute(UNRUN_SQL, (sid, token, my_token))
 
 
-def finish(conn, sid, token, answer):
+def finish(conn, sid, token, answer, task_row=None):
+    """The row final with its answer; `task_row`: the task table's final row as well ((sql, params)
+    of _db), so that it does not depend on a db writer that may die with its node."""
     with conn.cursor() as cur:
         cur.execute(FINAL_SQL, (json.dumps(answer, ensure_ascii=False), sid, token))
+        if task_row is not None:
+            try:
+                cur.execute(*task_row)
+            except _db.POISON + _db.MALFORMED as exc:
+                log.error('cluster: speechID=%s: final task row refused: %s', sid, exc)
 
 
 def heartbeat(conn, node, token, pid, status, broker_up, capacity, running, waiting):

@@ -503,6 +503,9 @@ def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_
     assert eng.received == []
     crow = cluster_rows(dbname)['rr1']
     assert crow['state'] == 'final' and crow['run_node'] == 'r1'
+    # The dead node's db writer never wrote the final row: the taker writes it from the record.
+    row = task_rows(dbname)['rr1']
+    assert row['finished_at'] and row['node'] == 'ghost' and row['transcript'] == 'from the record'
     mine = os.path.join(shared, 'records', 'r1')
     assert not os.path.exists(mine) or not os.listdir(mine)
     # With shared_path, a node's own records go to <shared_path>/records/<node>/.
