@@ -181,9 +181,11 @@ def test_chaos_3000_tasks_300_files_kills_and_a_broker_cut(make_cluster):
     chaos = Chaos(c)
     clients.start()
     chaos.start()
-    names = c.drop_files(FILES)
-    clients.join(timeout=900)
-    chaos.finish()
+    try:
+        names = c.drop_files(FILES)
+        clients.join(timeout=900)
+    finally:
+        chaos.finish()          # also on a failure: no node restarted behind the teardown's back
     live = [n.name for n in c.nodes if n.alive()]
     assert c.nodes[DOOMED].name not in live and len(live) == 2, (live, chaos.events)
 
