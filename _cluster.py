@@ -184,12 +184,12 @@ class Cluster:
         with self.lock:
             body = self.answers.pop(record.speech_id, None)
         if body is not None:
-            self.post(('ended', record.speech_id, body))
+            self.post(('ended', record.speech_id, body, record.to_dict()))
 
-    def _ended(self, sid, body):
+    def _ended(self, sid, body, record):
         run = self.runs.pop(sid, None)
         if run is not None:
-            self.thread.put(('finish', run[0], run[1], body))
+            self.thread.put(('finish', run[0], run[1], body, record))
 
     def stopped(self, task):
         """A task run here cut short by a stop: back to the queue for another node, no record."""

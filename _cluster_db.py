@@ -19,12 +19,24 @@ RUN, HOLD, ANSWERED, DROP, DEAD = 'run', 'hold', 'answered', 'drop', 'dead'
 # A final row is taken over by the next task of the same speechID; any other row refuses it.
 # MariaDB assigns left to right, each IF seeing the row as the earlier ones left it: state last.
 _TAKE_OVER = ', '.join('%s = IF(state = \'final\', VALUES(%s), %s)' % (c, c, c) for c in (
-    'token', 'origin_node', 'run_node', 'run_token', 'attempts', 'source', 'answer', 'created_at'))
-INSERT_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, run_node, run_token, state, attempts,'
-              ' source, answer, created_at) VALUES (%s, %s, %s, NULL, NULL, \'queued\', 0, %s, NULL, NOW(6))'
-              ' ON DUPLICATE KEY UPDATE ' + _TAKE_OVER + ', state = IF(state = \'final\', \'queued\', state)')
-SCANNED_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, state, attempts, source, created_at)'
-               ' VALUES (%s, %s, %s, \'queued\', 0, %s, NOW(6)) ON DUPLICATE KEY UPDATE speech_id = speech_id')
+    'token', 'origin_node', 'origin_token', 'message', 'run_node', 'run_token', 'attempts', 'source', 'answer',
+    'created_at'))
+INSERT_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, origin_token, message, run_node, run_token,'
+              ' state, attempts, source, answer, created_at) VALUES (%s, %s, %s, %s, %s, NULL, NULL, \'queued\', 0,'
+              ' %s, NULL, NOW(6)) ON DUPLICATE KEY UPDATE ' + _TAKE_OVER
+              + ', state = IF(state = \'final\', \'queued\', state)')
+SCANNED_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, origin_token, message, state, attempts,'
+               ' source, created_at) VALUES (%s, %s, %s, %s, %s, \'queued\', 0, %s, NOW(6))'
+               ' ON DUPLICATE KEY UPDATE speech_id = speech_id')
+# Queued rows whose entering life is gone (it died before publishing, or the message was lost with
+# it): a live node claims them (origin = itself) and publishes their message again.
+ORPHANS_SQL = ('SELECT t.speech_id, t.token, t.origin_node, t.origin_token, t.message FROM cluster_task t'
+               ' WHERE t.state = \'queued\' AND t.message IS NOT NULL AND t.origin_token IS NOT NULL'
+               ' AND t.updated_at < NOW(6) - INTERVAL %s MICROSECOND AND NOT EXISTS (SELECT 1 FROM cluster_node n'
+               ' WHERE n.node = t.origin_node AND n.token = t.origin_token AND n.status = \'running\''
+               ' AND n.alive_at > NOW(6) - INTERVAL %s MICROSECOND) LIMIT 200')
+ADOPT_SQL = ('UPDATE cluster_task SET origin_node = %s, origin_token = %s WHERE speech_id = %s AND token = %s'
+             ' AND state = \'queued\' AND origin_node = %s AND origin_token = %s')
 # Whether a queued row was left by a dead node (or an earlier life of this one) before it published.
 ENTERED_SQL = ('SELECT t.token, t.state, t.answer, t.origin_node = %s OR (t.updated_at < NOW(6) - INTERVAL %s'
                ' MICROSECOND AND NOT EXISTS (SELECT 1 FROM cluster_node n WHERE n.node = t.origin_node'
@@ -78,7 +90,20 @@ def micros(secs):
     return int(secs * 1e6)
 
 
-def insert(conn, sid, token, node, source, dead_secs):
+def orphans(conn, node, node_token, dead_secs):
+    """The messages of queued rows left by dead lives, each now claimed by this node (and so not
+    taken again by another before node_dead_secs have passed)."""
+    with conn.cursor() as cur:
+        cur.execute(ORPHANS_SQL, (micros(dead_secs), micros(dead_secs)))
+        out = []
+        for sid, token, origin, origin_token, message in cur.fetchall():
+            cur.execute(ADOPT_SQL, (node, node_token, sid, token, origin, origin_token))
+            if cur.rowcount == 1:
+                out.append((sid, message))
+    return out
+
+
+def insert(conn, sid, token, node, source, dead_secs, node_token=None, message=None):
     """Enter a new task: (True, None), or (False, answer) when a task of this speechID is in
     progress somewhere (answer None) or, for a scanned file, already final (its answer).
 
@@ -88,7 +113,7 @@ def insert(conn, sid, token, node, source, dead_secs):
     was published after all, finds the row is not its own and is dropped."""
     scanned = source == 'scanner'
     with conn.cursor() as cur:
-        cur.execute(SCANNED_SQL if scanned else INSERT_SQL, (sid, token, node, source))
+        cur.execute(SCANNED_SQL if scanned else INSERT_SQL, (sid, token, node, node_token, message, source))
         cur.execute(ENTERED_SQL, (node, micros(dead_secs), micros(dead_secs), sid))
         row = cur.fetchone()
         if row is None or row[0] == token:
@@ -172,9 +197,16 @@ def unrun(conn, sid, token, my_token):
         cur.execute(UNRUN_SQL, (sid, token, my_token))
 
 
-def finish(conn, sid, token, answer):
+def finish(conn, sid, token, answer, task_row=None):
+    """The row final with its answer; `task_row`: the task table's final row as well ((sql, params)
+    of _db), so that it does not depend on a db writer that may die with its node."""
     with conn.cursor() as cur:
         cur.execute(FINAL_SQL, (json.dumps(answer, ensure_ascii=False), sid, token))
+        if task_row is not None:
+            try:
+                cur.execute(*task_row)
+            except _db.POISON + _db.MALFORMED as exc:
+                log.error('cluster: speechID=%s: final task row refused: %s', sid, exc)
 
 
 def heartbeat(conn, node, token, pid, status, broker_up, capacity, running, waiting):

@@ -18,7 +18,8 @@ import pika.exceptions
 import pymysql
 
 import _cluster_db as cdb
-from _records import TaskRecord, unstamp
+import _db
+from _records import FINAL, TaskRecord, unstamp
 from _tasks import answer_body
 
 log = logging.getLogger('cluster')
@@ -33,7 +34,7 @@ REPLY_TTL_MS = 24 * 3600 * 1000
 
 
 def recorded_answer(folder, msg, since):
-    """The 2002 answer rebuilt from the last record of msg's speechID started after `since` in
+    """(the 2002 answer, the record as a dict) rebuilt from the last record of msg's speechID started after `since` in
     the last two days' records files of `folder`, or None."""
     sid = msg['speechID']
     key = json.dumps(sid).encode('utf-8')
@@ -55,7 +56,8 @@ def recorded_answer(folder, msg, since):
     if found is None:
         return None
     rec = TaskRecord.from_line(found)
-    return answer_body(SimpleNamespace(speech_id=sid, request=msg['request']), rec, rec.state, rec.result)
+    return answer_body(SimpleNamespace(speech_id=sid, request=msg['request']), rec, rec.state, rec.result), \
+        rec.to_dict()
 
 
 class Backoff:
@@ -170,6 +172,7 @@ class ClusterThread(Connections, threading.Thread):
         self.dead_secs, self.beat_secs = float(c['node_dead_secs']), float(c['heartbeat_secs'])
         self.limit = int(c['delivery_limit'])
         self.shared = c['shared_path']
+        self.server_seq = int(cfg['server']['server_seq'])
         self.commands = queue.Queue()
         self.later = collections.deque()        # commands that wait for the broker or the database
         self.held = {}                          # handle -> message a live node runs: watched until final
@@ -279,13 +282,12 @@ class ClusterThread(Connections, threading.Thread):
             return      # one alone: the command does it itself
         try:
             if subs:
-                done = cdb.in_transaction(self.db, lambda conn, m: cdb.insert(
-                    conn, m['speechID'], m['token'], self.node, m['source'], self.dead_secs), subs)
+                done = cdb.in_transaction(self.db, self.enter, subs)
                 for msg, (entered, answer) in zip(subs, done):
                     msg['entered'], msg['answer'] = entered, answer
             if ends:
                 cdb.in_transaction(self.db, lambda conn, c: cdb.finish(
-                    conn, c[1]['speechID'], c[1]['token'], c[3]), ends)
+                    conn, c[1]['speechID'], c[1]['token'], c[3], self.task_row(*c[4:])), ends)
                 for command in ends:
                     command[1]['final'] = True
         except DB_ERRORS as exc:
@@ -320,8 +322,7 @@ class ClusterThread(Connections, threading.Thread):
             if self.db is None:
                 return False
             try:
-                msg['entered'], msg['answer'] = cdb.insert(self.db, sid, token, self.node, msg['source'],
-                                                           self.dead_secs)
+                msg['entered'], msg['answer'] = self.enter(self.db, msg)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
                 return False
@@ -333,6 +334,27 @@ class ClusterThread(Connections, threading.Thread):
         msg['published'] = True
         self.post(('published', sid, token))
         return True
+
+    def enter(self, conn, msg):
+        """Insert the task's row, with the message a live node publishes again if this life dies first."""
+        return cdb.insert(conn, msg['speechID'], msg['token'], self.node, msg['source'], self.dead_secs, self.token,
+                          json.dumps(msg, ensure_ascii=False))
+
+    def sweep(self):
+        """Publish again what dead lives entered and may never have published (a duplicate finds the
+        row taken or final: take() never runs a task twice)."""
+        try:
+            found = cdb.orphans(self.db, self.node, self.token, self.dead_secs)
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+            return
+        for sid, message in found:
+            log.warning('cluster: speechID=%s was entered by a node that died before its end; publishing it again',
+                        sid)
+            try:
+                self.publish(self.names['tasks'], json.loads(message))
+            except ValueError as exc:
+                log.error('cluster: speechID=%s: unreadable message (%s)', sid, exc)
 
     def publish(self, queue_name, msg):
         if self.channel is None:
@@ -407,13 +429,13 @@ class ClusterThread(Connections, threading.Thread):
         self.held.pop(handle, None)
         if what == cdb.RUN:
             attempts, dead_node = detail
-            answer = self.recorded(dead_node, msg) if dead_node else None
-            if answer is not None:
+            found = self.recorded(dead_node, msg) if dead_node else None
+            if found is not None:
                 # Its node died after writing the record, before marking the row final: not run again.
                 log.warning('cluster: speechID=%s was recorded by %s before it died; answering from its record',
                             sid, dead_node)
-                if not self.finish_task(msg, handle, answer):
-                    self.later.append(('finish', msg, handle, answer))
+                if not self.finish_task(msg, handle, *found, dead_node):
+                    self.later.append(('finish', msg, handle, *found, dead_node))
                 return
             self.running.add(handle)
             self.post(('run', msg, handle, attempts))
@@ -432,7 +454,7 @@ class ClusterThread(Connections, threading.Thread):
             self.ack(handle)
 
     def recorded(self, node, msg):
-        """The answer of the task from `node`'s records on the shared storage, or None."""
+        """(answer, record) of the task from `node`'s records on the shared storage, or None."""
         if not self.shared:
             return None
         folder = os.path.join(self.shared, 'records', node)
@@ -456,9 +478,20 @@ class ClusterThread(Connections, threading.Thread):
         except BROKER_ERRORS as exc:
             self.drop_broker(exc)
 
-    def finish_task(self, msg, handle, answer):
+    def task_row(self, record=None, node=None):
+        """The task table's final row of a record (as _db's writer makes it), or None."""
+        if record is None:
+            return None
+        try:
+            return _db.statement({'event': FINAL, 'node': node or self.node, 'serverSeq': self.server_seq,
+                                  'payload': record})
+        except _db.MALFORMED as exc:
+            log.error('cluster: speechID=%s: no final task row from its record (%s)', record.get('speechID'), exc)
+            return None
+
+    def finish_task(self, msg, handle, answer, record=None, node=None):
         if not msg.get('final'):
-            if not self.with_db(cdb.finish, msg['speechID'], msg['token'], answer):
+            if not self.with_db(cdb.finish, msg['speechID'], msg['token'], answer, self.task_row(record, node)):
                 return False
             msg['final'] = True
         if not self.reply(msg, answer):
@@ -481,6 +514,8 @@ class ClusterThread(Connections, threading.Thread):
                 self.conn is not None, self.capacity, len(self.running), self.waiting()):
             for handle, msg in list(self.held.items()):
                 self.decide(handle, msg)
+            if self.channel is not None and not self.stopping:
+                self.sweep()
             try:
                 view = cdb.view(self.db, self.dead_secs)
             except DB_ERRORS as exc:

@@ -95,6 +95,8 @@ CREATE TABLE IF NOT EXISTS cluster_task (
     speech_id           VARCHAR(64)      CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
     token               CHAR(32)         NOT NULL COMMENT 'this task, as published',
     origin_node         VARCHAR(128)     NOT NULL COMMENT 'the node holding the client',
+    origin_token        CHAR(32)         NULL COMMENT 'the life of origin_node that entered it',
+    message             MEDIUMTEXT       NULL COMMENT 'the message published, for a live node to publish again',
     run_node            VARCHAR(128)     NULL,
     run_token           CHAR(32)         NULL COMMENT 'the life (cluster_node.token) of run_node running it',
     state               VARCHAR(16)      NOT NULL COMMENT 'queued, running or final',

@@ -503,6 +503,9 @@ def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_
     assert eng.received == []
     crow = cluster_rows(dbname)['rr1']
     assert crow['state'] == 'final' and crow['run_node'] == 'r1'
+    # The dead node's db writer never wrote the final row: the taker writes it from the record.
+    row = task_rows(dbname)['rr1']
+    assert row['finished_at'] and row['node'] == 'ghost' and row['transcript'] == 'from the record'
     mine = os.path.join(shared, 'records', 'r1')
     assert not os.path.exists(mine) or not os.listdir(mine)
     # With shared_path, a node's own records go to <shared_path>/records/<node>/.
@@ -535,3 +538,24 @@ def test_a_stopped_node_gives_its_unfinished_tasks_back_to_the_queue(node, share
     rows = final_rows(dbname, 1)
     assert rows['t1']['node'] == 'tc'
     ec.close()
+
+
+def test_a_task_entered_by_a_node_that_died_before_publishing_it_still_runs_once(node, shared, dbname, qname):
+    a = remote_node(node, 'u1')
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    req = transcribe_req(folder, name, sid='u1task')
+    msg = {'speechID': 'u1task', 'token': 'tokU', 'request': req, 'source': 'client', 'keepSource': False,
+           'filePathRaw': None, 'origin': 'ghost', 'reply': qname + '.reply.ghost', 'created': time.time()}
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, origin_token, message, state, attempts,"
+                  " source, created_at, updated_at) VALUES ('u1task', 'tokU', 'ghost', 'deadlife', %s, 'queued', 0,"
+                  " 'client', NOW(6), NOW(6) - INTERVAL 1 MINUTE)", (json.dumps(msg),))
+    recs = a.wait_records(1)
+    assert [r['data']['speechID'] for r in recs] == ['u1task'] and [r['speechID'] for r in eng.received] == ['u1task']
+    crow = wait_for(lambda: (lambda r: r if r['state'] == 'final' else None)(cluster_rows(dbname)['u1task']), 30,
+                    'the row final')
+    assert crow['origin_node'] == 'u1' and crow['attempts'] == 1
+    time.sleep(2)       # swept once: not published again
+    assert len(a.records()) == 1 and len(eng.received) == 1
+    eng.close()
