@@ -373,28 +373,25 @@ def _cidr_list(value):
     return networks
 
 
-def _http_url(value):
+def _url(value, schemes, what):
     text = _string(value).strip()
-    if not text:
-        return text
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError:
         parts = None
-    if parts is None or parts.scheme.lower() not in ('http', 'https') or not parts.hostname:
-        raise _Problem(f'{_the(value)} is not an http:// or https:// URL')
+    if parts is None or parts.scheme.lower() not in schemes or not parts.hostname:
+        raise _Problem(f'{_the(value)} is not {what} URL')
     return text
+
+
+def _http_url(value):
+    if not _string(value).strip():
+        return ''
+    return _url(value, ('http', 'https'), 'an http:// or https://')
 
 
 def _amqp_url(value):
-    text = _string(value).strip()
-    try:
-        parts = urllib.parse.urlsplit(text)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme.lower() not in ('amqp', 'amqps') or not parts.hostname:
-        raise _Problem(f'{_the(value)} is not an amqp:// or amqps:// URL')
-    return text
+    return _url(value, ('amqp', 'amqps'), 'an amqp:// or amqps://')
 
 
 def _validator(base: str) -> Validator:

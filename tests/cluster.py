@@ -55,6 +55,17 @@ def frame_1003(kind='memory'):
     return b'1003' + (b'%8d' % len(body)) + body
 
 
+def sigkill(daemon, timeout=30):
+    """The node's machine dies: its master and every child SIGKILLed at once."""
+    procs = daemon.processes()
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=timeout)
+
+
 class Node(Daemon):
     """One cluster node: a Daemon whose app.ini points at the shared folders, the cluster's
     database, the broker link and the webhook receiver."""
@@ -121,13 +132,7 @@ class Node(Daemon):
 
     def kill(self):
         """SIGKILL the master and every child at once, as a machine that dies would."""
-        procs = self.processes()
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        sigkill(self)
         for eng in self.engines:
             eng.close()
         self.engines = []

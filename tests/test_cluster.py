@@ -3,17 +3,16 @@ real daemons, each test with its own queue name and its own database."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import uuid
 
 import pika
-import psutil
 import pytest
 
 import _config
+from cluster import sigkill as kill
 from conftest import FIXTURES, ROOT, transcribe_req, wait_for
 from helpers import Closing, Proxy, db_section, monitor, query
 from legacy_engine import LegacyEngine
@@ -101,23 +100,20 @@ def task_rows(dbname):
 
 def test_cluster_needs_the_database_and_checks_its_keys(tmp_path):
     ini = tmp_path / 'app.ini'
-    ini.write_text('[cluster]\nenabled = true\n')
-    with pytest.raises(_config.ConfigError) as err:
-        _config.load(str(ini))
-    assert 'app.ini [cluster] enabled: cluster mode keeps its state in the database' in err.value.problems[0]
-    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nbroker_url = http://x/\nqueue = "a b"\n')
-    with pytest.raises(_config.ConfigError) as err:
-        _config.load(str(ini))
-    assert any('broker_url' in p and 'amqp://' in p for p in err.value.problems)
-    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nqueue = "a b"\n')
-    with pytest.raises(_config.ConfigError) as err:
-        _config.load(str(ini))
-    assert 'queue' in err.value.problems[0]
-    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nnode_dead_secs = 3\nheartbeat_secs = 2\n')
-    with pytest.raises(_config.ConfigError) as err:
-        _config.load(str(ini))
-    assert 'node_dead_secs' in err.value.problems[0]
-    ini.write_text('[db]\nenabled = true\n[cluster]\nenabled = true\nshared_path = nfs\n')
+
+    def problems(text):
+        ini.write_text(text)
+        with pytest.raises(_config.ConfigError) as err:
+            _config.load(str(ini))
+        return err.value.problems
+
+    on = '[db]\nenabled = true\n[cluster]\nenabled = true\n'
+    assert 'app.ini [cluster] enabled: cluster mode keeps its state in the database' in \
+        problems('[cluster]\nenabled = true\n')[0]
+    assert any('broker_url' in p and 'amqp://' in p for p in problems(on + 'broker_url = http://x/\nqueue = "a b"\n'))
+    assert 'queue' in problems(on + 'queue = "a b"\n')[0]
+    assert 'node_dead_secs' in problems(on + 'node_dead_secs = 3\nheartbeat_secs = 2\n')[0]
+    ini.write_text(on + 'shared_path = nfs\n')
     cfg = _config.load(str(ini))
     assert cfg['cluster']['shared_path'] == str(tmp_path / 'nfs') and cfg['cluster']['delivery_limit'] == 2
 
@@ -271,15 +267,6 @@ def test_shared_drop_folder_each_file_claimed_once(node, shared, dbname, qname):
 
 # ---------------------------------------------------------------- faults
 
-def kill(d):
-    """The node's machine dies: the master and every child SIGKILLed at once."""
-    procs = d.processes()
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
 
 
 def final_rows(dbname, n):
