@@ -19,6 +19,7 @@ import pymysql
 
 import _cluster_db as cdb
 import _db
+import _webhook
 from _records import FINAL, TaskRecord, unstamp
 from _tasks import answer_body
 
@@ -58,6 +59,41 @@ def recorded_answer(folder, msg, since):
     rec = TaskRecord.from_line(found)
     return answer_body(SimpleNamespace(speech_id=sid, request=msg['request']), rec, rec.state, rec.result), \
         rec.to_dict()
+
+
+def webhook_of(cfg, record):
+    """The webhook of a task a dead node recorded, into this node's outbox: its webhook-id is the
+    one the dead node gave it (a function of the record), so a receiver that got it from there
+    already, or gets it from that outbox adopted later, sees one id."""
+    if not cfg['webhook']['url']:
+        return
+    try:
+        rec = TaskRecord.from_dict(record)
+        payload = _webhook.build_payload(rec)
+        box = _webhook.Outbox(_webhook.outbox_dir(cfg))
+        box.add(box.new_entry(rec.speech_id, payload, msg_id=_webhook.entry_id(payload)))
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        log.error('cluster: speechID=%s: no webhook from its record: %s', record.get('speechID'), exc)
+
+
+def adopt_outboxes(cfg, me, view):
+    """Webhooks a dead node wrote into its outbox on the shared storage but never delivered go
+    out from this node's (its senders find them at their next rescan)."""
+    shared = cfg['cluster']['shared_path']
+    if not shared or not cfg['webhook']['url']:
+        return
+    own = _webhook.outbox_dir(cfg)
+    for node in view.get('nodes') or ():
+        name = node.get('node') or ''
+        if node.get('alive') or name == me or os.sep in name or name.startswith('.'):
+            continue
+        try:
+            moved = _webhook.adopt_outbox(os.path.join(shared, 'records', name, 'webhook'), own)
+        except OSError as exc:
+            log.warning('cluster: cannot adopt the webhook outbox of %s: %s', name, exc)
+            continue
+        if moved:
+            log.warning('cluster: %d undelivered webhook(s) of dead node %s adopted', moved, name)
 
 
 class Backoff:
@@ -434,6 +470,7 @@ class ClusterThread(Connections, threading.Thread):
                 # Its node died after writing the record, before marking the row final: not run again.
                 log.warning('cluster: speechID=%s was recorded by %s before it died; answering from its record',
                             sid, dead_node)
+                webhook_of(self.cfg, found[1])
                 if not self.finish_task(msg, handle, *found, dead_node):
                     self.later.append(('finish', msg, handle, *found, dead_node))
                 return
@@ -529,6 +566,7 @@ class ClusterThread(Connections, threading.Thread):
                         self.drop_broker(exc)
                 view['queueDepth'] = self.depth
                 self.post(('view', view))
+                adopt_outboxes(self.cfg, self.node, view)
 
     def finish(self):
         for command in self.later:

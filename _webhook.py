@@ -89,8 +89,46 @@ def signing_key(secret):
 
 
 def outbox_dir(cfg):
+    """records/webhook beside app.ini; in cluster mode with a shared_path, the node's records
+    folder there, so that a live node can adopt what a dead one never delivered."""
     import _config
-    return os.path.join(_config.base_dir(cfg), 'records', 'webhook')
+    return os.path.join(_config.records_dir(cfg), 'webhook')
+
+
+def entry_id(payload):
+    """The webhook-id of a finished task: a function of the task's record (speechID, start and
+    end), so that the same task sent by two nodes (its dead runner's outbox adopted, and the
+    taker that answered from its record) carries one id for the receiver to dedupe on."""
+    key = '%s|%s|%s' % (payload.get('speechID'), payload.get('startTime'), payload.get('endTime'))
+    return 'msg_' + hashlib.sha256(key.encode('utf-8')).hexdigest()[:32]
+
+
+def adopt_outbox(dead_dir, own_dir):
+    """Move the entries of a dead node's outbox into ours (link, then unlink: a name taken in
+    ours gets the next ~N); the senders find them at their next rescan. Returns how many."""
+    try:
+        with os.scandir(dead_dir) as it:
+            names = [e.name for e in it if NAME_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+    except FileNotFoundError:
+        return 0
+    moved = 0
+    os.makedirs(own_dir, exist_ok=True)
+    for name in names:
+        src = os.path.join(dead_dir, name)
+        for n in range(MAX_SUFFIX + 1):
+            dst = os.path.join(own_dir, name if n == 0 else '%s~%d' % (name.split('~')[0], n))
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                break           # another node took it first
+            _unlink(src)
+            moved += 1
+            break
+    if moved:
+        _fsync_dir(own_dir)
+    return moved
 
 
 # ---------------------------------------------------------------- payload
@@ -227,11 +265,11 @@ class Outbox:
             raise ValueError('entry name %r resolves outside %s' % (name, folder))
         return path
 
-    def new_entry(self, speech_id, payload, now=None):
+    def new_entry(self, speech_id, payload, now=None, msg_id=None):
         if not isinstance(speech_id, str) or not SPEECH_ID_RE.fullmatch(speech_id):
             raise ValueError('refusing webhook entry for invalid speechID %r' % (speech_id,))
         now = time.time() if now is None else now
-        return {'format': FORMAT, 'id': 'msg_' + uuid.uuid4().hex, 'speechID': speech_id,
+        return {'format': FORMAT, 'id': msg_id or 'msg_' + uuid.uuid4().hex, 'speechID': speech_id,
                 'created': now, 'attempts': 0, 'next_at': now, 'last_attempt': None,
                 'last_status': None, 'last_error': None, 'payload': payload}
 
@@ -717,7 +755,8 @@ class WebhookSink:
             return
         sid = record.speech_id
         try:
-            entry = self.outbox.new_entry(sid, build_payload(record))
+            payload = build_payload(record)
+            entry = self.outbox.new_entry(sid, payload, msg_id=entry_id(payload))
             name = self.outbox.add(entry)
         except ValueError as exc:
             log.error('webhook: %s', exc)

@@ -1,5 +1,6 @@
 """Cluster mode ([cluster] enabled) against real RabbitMQ (127.0.0.1:5672) and real MariaDB:
 real daemons, each test with its own queue name and its own database."""
+import collections
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 import _config
 from cluster import sigkill as kill
 from conftest import FIXTURES, ROOT, transcribe_req, wait_for
-from helpers import Closing, Proxy, db_section, monitor, query
+from helpers import Closing, Proxy, Receiver, db_section, monitor, query
 from legacy_engine import LegacyEngine
 
 BROKER = 'amqp://guest:guest@127.0.0.1:5672/%2F'
@@ -448,36 +449,50 @@ def test_orphaned_claims_are_adopted_once_their_node_is_dead(node, shared, dbnam
     eng.close()
 
 
+def ghost_recorded(shared, dbname, qname, req, now):
+    """What a node "ghost" left when it died: the record of req's task on the shared storage, its
+    cluster_task row still running, and the task's message back in the queue (redelivered).
+    Returns the records line and the reply queue's name."""
+    from _records import stamp
+    sid = req['speechID']
+    ghost = os.path.join(shared, 'records', 'ghost')
+    os.makedirs(ghost, exist_ok=True)
+    line = {'data': {'speechID': sid, 'transcript': 'from the record', 'result': '0'}, 'socket': None,
+            'state': 'DONE', 'startTime': stamp(now), 'endTime': stamp(now + 0.5), 'processInterval': [],
+            'source': 'client', 'worker': 1, 'duration': 1.5, 'request': {k: v for k, v in req.items()
+                                                                          if k != 'speechID'},
+            'audioWAV': '%s.wav' % sid, 'audioMP3': ''}
+    with open(os.path.join(ghost, time.strftime('%Y%m%d') + '.json'), 'a') as f:
+        f.write(json.dumps(line, ensure_ascii=False) + '\n')
+    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, run_node, run_token, state, attempts,"
+                  " source, created_at) VALUES (%s, 'tok1', 'ghost', 'ghost', 'life1', 'running', 1, 'client',"
+                  " NOW(6))", (sid,))
+    reply = qname + '.reply.tester'
+    conn = broker()
+    try:
+        ch = conn.channel()
+        ch.queue_declare(reply, durable=True)
+        ch.basic_publish('', qname, json.dumps({
+            'speechID': sid, 'token': 'tok1', 'request': req, 'source': 'client', 'keepSource': False,
+            'filePathRaw': None, 'origin': 'ghost', 'reply': reply, 'created': now}).encode(),
+            pika.BasicProperties(delivery_mode=2))
+    finally:
+        conn.close()
+    return line, reply
+
+
 def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_again(node, shared, dbname,
                                                                                        qname):
-    from _records import stamp
     a = remote_node(node, 'r1', ini_extra='shared_path = %s\n' % shared)
     eng = LegacyEngine(a.port)
     assert eng.start() == '0'
     folder, name = put_fixture(shared, 'en_hello.wav')
     req = transcribe_req(folder, name, sid='rr1')
     now = time.time()
-    ghost = os.path.join(shared, 'records', 'ghost')
-    os.makedirs(ghost)
-    line = {'data': {'speechID': 'rr1', 'transcript': 'from the record', 'result': '0'}, 'socket': None,
-            'state': 'DONE', 'startTime': stamp(now), 'endTime': stamp(now + 0.5), 'processInterval': [],
-            'source': 'client', 'worker': 1, 'duration': 1.5, 'request': {k: v for k, v in req.items()
-                                                                          if k != 'speechID'},
-            'audioWAV': 'rr1.wav', 'audioMP3': ''}
-    with open(os.path.join(ghost, time.strftime('%Y%m%d') + '.json'), 'w') as f:
-        f.write(json.dumps(line, ensure_ascii=False) + '\n')
-    query(dbname, "INSERT INTO cluster_task (speech_id, token, origin_node, run_node, run_token, state, attempts,"
-                  " source, created_at) VALUES ('rr1', 'tok1', 'ghost', 'ghost', 'life1', 'running', 1, 'client',"
-                  " NOW(6))")
+    line, reply = ghost_recorded(shared, dbname, qname, req, now)
     conn = broker()
     try:
         ch = conn.channel()
-        reply = qname + '.reply.tester'
-        ch.queue_declare(reply, durable=True)
-        ch.basic_publish('', qname, json.dumps({
-            'speechID': 'rr1', 'token': 'tok1', 'request': req, 'source': 'client', 'keepSource': False,
-            'filePathRaw': None, 'origin': 'ghost', 'reply': reply, 'created': now}).encode(),
-            pika.BasicProperties(delivery_mode=2))
 
         def answer():
             method, _, body = ch.basic_get(reply, auto_ack=True)
@@ -503,6 +518,47 @@ def test_a_task_recorded_by_a_node_that_died_before_marking_it_final_is_not_run_
     wait_for(lambda: os.path.exists(path) and 'rr2' in open(path).read(), 30, 'the record on the shared storage')
     assert a.records() == []
     eng.close()
+
+
+def test_webhooks_a_dead_node_never_delivered_go_out_from_a_live_node_with_their_ids(node, shared, dbname, qname):
+    """A node killed for good leaves webhooks behind: entries in its outbox on the shared storage
+    (adopted by a live node once it is dead), and a task it recorded before it could write its
+    outbox entry (the taker that answers from the record sends it). Each goes out with the id the
+    dead node gave it or would have given it: one id per task at the receiver."""
+    import _webhook
+    from _records import TaskRecord
+    receiver = Receiver()
+    try:
+        a = remote_node(node, 'w1', ini_extra='shared_path = %s\n[webhook]\nurl = %s\nrescan_secs = 0.2\n'
+                        % (shared, receiver.url))
+        eng = LegacyEngine(a.port)
+        assert eng.start() == '0'
+        folder, name = put_fixture(shared, 'en_hello.wav')
+        now = time.time()
+        # The dead node's undelivered outbox entry of another task, and of rr1 (as its reporter made it).
+        box = _webhook.Outbox(os.path.join(shared, 'records', 'ghost', 'webhook'))
+        box.add(box.new_entry('gg1', {'speechID': 'gg1', 'result': '0'}, msg_id='msg_' + 'a' * 32))
+        line, reply = ghost_recorded(shared, dbname, qname, transcribe_req(folder, name, sid='rr1'), now)
+        payload = _webhook.build_payload(TaskRecord.from_line(line))
+        box.add(box.new_entry('rr1', payload, msg_id=_webhook.entry_id(payload)))
+        # rr3: recorded, but the node died before its outbox entry was written.
+        line3, _ = ghost_recorded(shared, dbname, qname, transcribe_req(folder, name, sid='rr3'), now + 1)
+        payload3 = _webhook.build_payload(TaskRecord.from_line(line3))
+        query(dbname, "INSERT INTO cluster_node (node, token, pid, status, broker_up, capacity, running, waiting,"
+                      " started_at, alive_at) VALUES ('ghost', 'life1', 1, 'running', 1, 1, 1, 0,"
+                      " NOW(6) - INTERVAL 1 HOUR, NOW(6) - INTERVAL 1 HOUR)")
+        wait_for(lambda: {'gg1', 'rr1', 'rr3'} <= receiver.speech_ids(), 60, 'the three webhooks at the receiver')
+        ids = collections.defaultdict(set)
+        with receiver.lock:
+            for r in receiver.requests:
+                ids[json.loads(r['body'])['speechID']].add(r['headers']['webhook-id'])
+        assert ids['gg1'] == {'msg_' + 'a' * 32}
+        assert ids['rr1'] == {_webhook.entry_id(payload)}
+        assert ids['rr3'] == {_webhook.entry_id(payload3)}
+        wait_for(lambda: box.names() == [], 30, "the dead node's outbox emptied")
+        eng.close()
+    finally:
+        receiver.stop()
 
 
 def test_a_stopped_node_gives_its_unfinished_tasks_back_to_the_queue(node, shared, dbname, qname):
