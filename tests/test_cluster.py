@@ -332,17 +332,23 @@ def test_a_task_that_kills_its_node_twice_ends_with_result_9(node, shared, dbnam
     eb.close()
 
 
+def proxied_node(node, name, proxy, **opts):
+    """A started remote_node whose broker connection goes through `proxy` (which the test cuts)."""
+    d = remote_node(node, name, start=False, **opts)
+    with open(d.ini) as f:
+        text = f.read()
+    with open(d.ini, 'w') as f:
+        f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
+    d.cli('db', 'init', check=True)
+    d.start()
+    return d
+
+
 def test_a_cut_broker_connection_of_a_live_node_runs_nothing_twice(node, shared, dbname, qname):
     proxy = Proxy(target=('127.0.0.1', 5672))
     try:
         a = remote_node(node, 'ca')
-        b = remote_node(node, 'cb', ini_extra='', start=False)
-        with open(b.ini) as f:
-            text = f.read()
-        with open(b.ini, 'w') as f:
-            f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
-        b.cli('db', 'init', check=True)
-        b.start()
+        b = proxied_node(node, 'cb', proxy)
         c = remote_node(node, 'cc')
         eb = LegacyEngine(b.port, delay=4.0)
         assert eb.start() == '0'
@@ -372,13 +378,7 @@ def test_a_cut_broker_connection_of_a_live_node_runs_nothing_twice(node, shared,
 def test_broker_down_tasks_wait_bounded_by_max_tasks_then_all_run(node, shared, dbname, qname):
     proxy = Proxy(target=('127.0.0.1', 5672))
     try:
-        a = remote_node(node, 'wa', max_tasks=3, start=False)
-        with open(a.ini) as f:
-            text = f.read()
-        with open(a.ini, 'w') as f:
-            f.write(text.replace(BROKER, 'amqp://guest:guest@127.0.0.1:%d/%%2F' % proxy.port))
-        a.cli('db', 'init', check=True)
-        a.start()
+        a = proxied_node(node, 'wa', proxy, max_tasks=3)
         b = remote_node(node, 'wb')
         eb = LegacyEngine(b.port)
         assert eb.start() == '0'
