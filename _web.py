@@ -313,7 +313,8 @@ class Web:
         self.uploading = 0                  # uploads being received (only the event loop counts)
         self.roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]   # not upload_path
         self.records_dir = _config.records_dir(cfg)
-        self.outbox_dir = os.path.join(_config.records_dir(cfg), 'webhook')   # _webhook.outbox_dir
+        import _webhook
+        self.outbox_dir = _webhook.outbox_dir(cfg)
         self.timeout = float(cfg['setting']['session_timeout_secs'])
         self.engine = cfg['engine']['type']
         self.link = MasterLink(sock, self.upload_dir, bool(h['keep_uploads']))
