@@ -114,6 +114,10 @@ def insert(conn, sid, token, node, source, dead_secs, node_token=None, message=N
     scanned = source == 'scanner'
     with conn.cursor() as cur:
         cur.execute(SCANNED_SQL if scanned else INSERT_SQL, (sid, token, node, node_token, message, source))
+        if cur.rowcount in (1, 2):
+            # Inserted (1), or a final row taken over (2, an upsert's count for a changed row): ours.
+            # 0: a row in progress (or final, for a scanned file) stays as it was; it says why below.
+            return True, None
         cur.execute(ENTERED_SQL, (node, micros(dead_secs), micros(dead_secs), sid))
         row = cur.fetchone()
         if row is None or row[0] == token:
@@ -129,9 +133,14 @@ def in_transaction(conn, fn, items):
     """[fn(conn, item) for item in items] in one transaction: one commit (one fsync) for many tasks."""
     if len(items) == 1:
         return [fn(conn, items[0])]        # autocommit: one round trip fewer
+    return atomic(conn, lambda c: [fn(c, item) for item in items])
+
+
+def atomic(conn, fn, *args):
+    """fn(conn, *args) in one transaction: its statements commit together, with one fsync."""
     conn.begin()
     try:
-        out = [fn(conn, item) for item in items]
+        out = fn(conn, *args)
         conn.commit()
     except BaseException:
         conn.rollback()

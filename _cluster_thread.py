@@ -107,6 +107,76 @@ class Backoff:
         return self.delay
 
 
+class Publisher:
+    """Publisher confirms with many messages in flight. pika's BlockingChannel.basic_publish
+    waits for each message's confirm in turn (a broker fsync each, about 4 ms here), which held
+    a node to some 250 publishes a second and put that wait on every task. The blocking
+    channel's own asynchronous channel (`_impl`, pika 1.4 as pinned) takes a publish without
+    waiting; the broker's Basic.Ack/Nack arrive while the connection processes events and are
+    only noted here (`settle()` runs their callbacks in the thread's own step, never inside
+    pika's I/O). An unroutable message (its queue deleted) is returned before its ack: logged,
+    then counted as done, as BlockingChannel's UnroutableError was."""
+
+    SELECT_SECS = 10
+
+    def __init__(self, conn, channel):
+        self.conn, self.impl = conn, channel._impl
+        self.seq = 0
+        self.pending = {}                       # delivery tag -> (on_ok, on_fail)
+        self.confirms = []                      # (tag, multiple, acked) not yet settled
+        self.impl.add_on_return_callback(self.on_return)
+        selected = []
+
+        def on_select_ok(frame):
+            selected.append(frame)
+            conn.call_later(0, _nothing)        # ends the wait below at once
+        self.impl.confirm_delivery(self.on_confirm, callback=on_select_ok)
+        deadline = time.monotonic() + self.SELECT_SECS
+        while not selected:
+            if time.monotonic() >= deadline:
+                raise pika.exceptions.AMQPConnectionError('no Confirm.SelectOk within %d s' % self.SELECT_SECS)
+            conn.process_data_events(time_limit=0.5)
+
+    def publish(self, queue_name, body, on_ok=None, on_fail=None):
+        self.impl.basic_publish('', queue_name, body, PERSISTENT, mandatory=True)
+        self.seq += 1
+        self.pending[self.seq] = (on_ok, on_fail)
+
+    def on_confirm(self, frame):
+        method = frame.method
+        self.confirms.append((method.delivery_tag, method.multiple, isinstance(method, pika.spec.Basic.Ack)))
+        self.conn.call_later(0, _nothing)      # process_data_events returns to settle it
+
+    def on_return(self, channel, method, props, body):
+        log.error('cluster: %s has no queue %s; message dropped (%s)', method.exchange or 'the broker',
+                  method.routing_key, body[:120])
+
+    def settle(self):
+        """Callbacks of the messages the broker confirmed (on_ok) or refused (on_fail) since the last call."""
+        confirms, self.confirms = self.confirms, []
+        for tag, multiple, acked in confirms:
+            tags = [t for t in self.pending if t <= tag] if multiple else [tag]
+            for t in tags:
+                on_ok, on_fail = self.pending.pop(t, (None, None))
+                callback = on_ok if acked else on_fail
+                if not acked:
+                    log.warning('cluster: the broker refused a message (nack); it is published again')
+                if callback is not None:
+                    callback()
+
+    def fail_all(self):
+        """The connection is gone: no confirm is coming for what is still pending."""
+        pending, self.pending = self.pending, {}
+        self.confirms = []
+        for _, on_fail in pending.values():
+            if on_fail is not None:
+                on_fail()
+
+
+def _nothing():
+    pass
+
+
 def queue_names(base, node):
     return {'tasks': base, 'dead': base + '.dead', 'reply': '%s.reply.%s' % (base, node)}
 
@@ -149,11 +219,15 @@ class Connections:
         self.db = None
         self.db_next = time.monotonic() + self.db_backoff.next()
 
+    def db_do(self, fn, *args):
+        """fn(the connection, *args), again when InnoDB undid it for a deadlock; raises DB_ERRORS."""
+        return _db.again_on_deadlock(self.db, fn, *args)
+
     def with_db(self, fn, *args):
         if self.db is None:
             return False
         try:
-            return fn(self.db, *args) or True
+            return self.db_do(fn, *args) or True
         except DB_ERRORS as exc:
             self.drop_db(exc)
             return False
@@ -165,7 +239,7 @@ class Connections:
         try:
             conn = pika.BlockingConnection(params)
             channel = conn.channel()
-            channel.confirm_delivery()
+            publisher = Publisher(conn, channel)
             self.depth = declare(channel, self.names, self.limit)
             channel.basic_consume(self.names['reply'], self.on_reply)
         except BROKER_ERRORS as exc:
@@ -173,7 +247,7 @@ class Connections:
             log.warning('cluster: broker unreachable (%s); trying again in %.1f s', exc or type(exc).__name__,
                         self.broker_next - time.monotonic())
             return
-        self.conn, self.channel, self.gen = conn, channel, self.gen + 1
+        self.conn, self.channel, self.publisher, self.gen = conn, channel, publisher, self.gen + 1
         self.consuming, self.consumers = 0, ()
         self.broker_backoff = Backoff()
         self.held.clear()           # their deliveries went back to the queue with the old connection
@@ -191,6 +265,9 @@ class Connections:
             except BROKER_ERRORS:
                 pass
         self.conn = self.channel = None
+        if self.publisher is not None:
+            publisher, self.publisher = self.publisher, None
+            publisher.fail_all()
         self.broker_next = time.monotonic() + self.broker_backoff.next()
 
 
@@ -214,7 +291,7 @@ class ClusterThread(Connections, threading.Thread):
         self.held = {}                          # handle -> message a live node runs: watched until final
         self.running = set()                    # handles of tasks this node runs now
         self.delivered = []                     # (handle, message) consumed, not yet decided
-        self.conn = self.channel = self.db = None
+        self.conn = self.channel = self.publisher = self.db = None
         self.gen = 0                            # which broker connection a delivery handle belongs to
         self.capacity, self.consuming, self.consumers = 0, 0, ()
         self.broker_backoff, self.db_backoff = Backoff(), Backoff()
@@ -239,7 +316,7 @@ class ClusterThread(Connections, threading.Thread):
     def run(self):
         log.info('cluster: node %s (life %s) on %s, queue %s', self.node, self.token[:8],
                  self.url.split('@')[-1], self.names['tasks'])
-        while not (self.stopping and not self.later):
+        while not (self.stopping and not self.later and not (self.publisher and self.publisher.pending)):
             try:
                 self.step()
             except Exception:  # the thread's one catch-all: drop both connections, back off, go on
@@ -267,6 +344,8 @@ class ClusterThread(Connections, threading.Thread):
                 self.conn.process_data_events(time_limit=wait)
             except BROKER_ERRORS as exc:
                 self.drop_broker(exc)
+            if self.publisher is not None:
+                self.publisher.settle()
             self.decide_all()
         else:
             try:
@@ -302,6 +381,10 @@ class ClusterThread(Connections, threading.Thread):
             return self.finish_task(*command[1:])
         if kind == 'unrun':
             return self.unrun(*command[1:])
+        if kind == 'reply':
+            return self.reply(*command[1:])
+        if kind == 'publish':
+            return self.publish(*command[1:])
         if kind == 'forget':
             return self.with_db(cdb.forget, *command[1:])
         log.error('cluster: unknown command %r', kind)
@@ -318,11 +401,11 @@ class ClusterThread(Connections, threading.Thread):
             return      # one alone: the command does it itself
         try:
             if subs:
-                done = cdb.in_transaction(self.db, self.enter, subs)
+                done = self.db_do(cdb.in_transaction, self.enter, subs)
                 for msg, (entered, answer) in zip(subs, done):
                     msg['entered'], msg['answer'] = entered, answer
             if ends:
-                cdb.in_transaction(self.db, lambda conn, c: cdb.finish(
+                self.db_do(cdb.in_transaction, lambda conn, c: cdb.finish(
                     conn, c[1]['speechID'], c[1]['token'], c[3], self.task_row(*c[4:])), ends)
                 for command in ends:
                     command[1]['final'] = True
@@ -358,18 +441,20 @@ class ClusterThread(Connections, threading.Thread):
             if self.db is None:
                 return False
             try:
-                msg['entered'], msg['answer'] = self.enter(self.db, msg)
+                msg['entered'], msg['answer'] = self.db_do(self.enter, msg)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
                 return False
         if not msg['entered']:
             self.post(('refused', sid, token, json.loads(msg['answer']) if msg['answer'] else None))
             return True
-        if not self.publish(self.names['tasks'], {k: v for k, v in msg.items() if k not in ('entered', 'answer')}):
-            return False
-        msg['published'] = True
-        self.post(('published', sid, token))
-        return True
+        body = {k: v for k, v in msg.items() if k not in ('entered', 'answer', 'published')}
+
+        def published():
+            msg['published'] = True
+            self.post(('published', sid, token))
+        # No confirm (the connection died, or a nack): the command waits for the next try.
+        return self.publish(self.names['tasks'], body, published, lambda: self.later.append(('submit', msg)))
 
     def enter(self, conn, msg):
         """Insert the task's row, with the message a live node publishes again if this life dies first."""
@@ -380,7 +465,7 @@ class ClusterThread(Connections, threading.Thread):
         """Publish again what dead lives entered and may never have published (a duplicate finds the
         row taken or final: take() never runs a task twice)."""
         try:
-            found = cdb.orphans(self.db, self.node, self.token, self.dead_secs)
+            found = self.db_do(cdb.orphans, self.node, self.token, self.dead_secs)
         except DB_ERRORS as exc:
             self.drop_db(exc)
             return
@@ -392,25 +477,28 @@ class ClusterThread(Connections, threading.Thread):
             except ValueError as exc:
                 log.error('cluster: speechID=%s: unreadable message (%s)', sid, exc)
 
-    def publish(self, queue_name, msg):
-        if self.channel is None:
+    def publish(self, queue_name, msg, on_ok=None, on_fail=None):
+        """Send msg; on_ok once the broker confirmed it, on_fail if it never will (by default it is
+        published again). False (nothing sent) while the broker is down."""
+        if self.publisher is None:
             return False
+        if on_fail is None:
+            on_fail = lambda: self.later.append(('publish', queue_name, msg, on_ok))  # noqa: E731
+
+        def ok():
+            self.published += 1
+            if on_ok is not None:
+                on_ok()
         try:
-            self.channel.basic_publish('', queue_name, json.dumps(msg, ensure_ascii=False).encode('utf-8'),
-                                       PERSISTENT, mandatory=True)
-        except pika.exceptions.UnroutableError:
-            log.error('cluster: %s has no queue %s; message dropped', self.url.split('@')[-1], queue_name)
-            return True
+            self.publisher.publish(queue_name, json.dumps(msg, ensure_ascii=False).encode('utf-8'), ok, on_fail)
         except BROKER_ERRORS as exc:
             self.drop_broker(exc)
             return False
-        self.published += 1
         return True
 
     def on_reply(self, channel, method, props, body):
         try:
-            msg = json.loads(body)
-            self.post(('answer', msg['speechID'], msg['token'], msg['answer']))
+            self.on_reply_body(json.loads(body))
         except (ValueError, KeyError, TypeError) as exc:
             log.error('cluster: bad reply dropped (%s)', exc)
         channel.basic_ack(method.delivery_tag)
@@ -437,7 +525,7 @@ class ClusterThread(Connections, threading.Thread):
         taken = [False] * len(batch)
         if self.db is not None and not self.stopping:
             try:
-                taken = cdb.in_transaction(self.db, lambda conn, item: cdb.take_fast(
+                taken = self.db_do(cdb.in_transaction, lambda conn, item: cdb.take_fast(
                     conn, item[1]['speechID'], item[1]['token'], self.node, self.token, self.limit), batch)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
@@ -456,8 +544,8 @@ class ClusterThread(Connections, threading.Thread):
             self.held[handle] = msg             # decided once the database is back
             return
         try:
-            what, detail = cdb.take(self.db, sid, msg['token'], self.node, self.token, self.dead_secs,
-                                    self.limit)
+            what, detail = self.db_do(cdb.take, sid, msg['token'], self.node, self.token, self.dead_secs,
+                                      self.limit)
         except DB_ERRORS as exc:
             self.drop_db(exc)
             self.held[handle] = msg
@@ -480,8 +568,8 @@ class ClusterThread(Connections, threading.Thread):
             self.running.add(handle)
             self.post(('dead', msg, handle, detail))
         elif what == cdb.ANSWERED:
-            self.reply(msg, json.loads(detail) if detail else None)
-            self.ack(handle)
+            if not self.reply(msg, json.loads(detail) if detail else None, lambda: self.ack(handle)):
+                self.held[handle] = msg         # decided again once the broker is back
         elif what == cdb.HOLD:
             if handle not in self.held:
                 log.info('cluster: speechID=%s runs on %s, which is alive: waiting for its end', sid, detail)
@@ -498,10 +586,24 @@ class ClusterThread(Connections, threading.Thread):
         # The runner's clock wrote startTime: a minute of skew is allowed.
         return recorded_answer(folder, msg, float(msg.get('created') or 0) - 60)
 
-    def reply(self, msg, answer):
+    def reply(self, msg, answer, then=None):
+        """The answer to the node holding the client; then() once it is safe (confirmed)."""
         if answer is None:
+            if then is not None:
+                then()
             return True
-        return self.publish(msg['reply'], {'speechID': msg['speechID'], 'token': msg['token'], 'answer': answer})
+        body = {'speechID': msg['speechID'], 'token': msg['token'], 'answer': answer}
+        if msg['reply'] == self.names['reply']:
+            # This node holds the client: the answer goes to the loop as its own reply queue would
+            # bring it, without a broker round trip (its token still says which admission it answers).
+            self.on_reply_body(body)
+            if then is not None:
+                then()
+            return True
+        return self.publish(msg['reply'], body, then, lambda: self.later.append(('reply', msg, answer, then)))
+
+    def on_reply_body(self, msg):
+        self.post(('answer', msg['speechID'], msg['token'], msg['answer']))
 
     def ack(self, handle, requeue=None):
         self.running.discard(handle)
@@ -528,14 +630,14 @@ class ClusterThread(Connections, threading.Thread):
 
     def finish_task(self, msg, handle, answer, record=None, node=None):
         if not msg.get('final'):
-            if not self.with_db(cdb.finish, msg['speechID'], msg['token'], answer, self.task_row(record, node)):
+            if not self.with_db(cdb.atomic, cdb.finish, msg['speechID'], msg['token'], answer,
+                                self.task_row(record, node)):
                 return False
             msg['final'] = True
-        if not self.reply(msg, answer):
-            return False
-        self.replied += 1
-        self.ack(handle)
-        return True
+        def replied():
+            self.replied += 1
+            self.ack(handle)
+        return self.reply(msg, answer, replied)
 
     def unrun(self, msg, handle):
         if not self.with_db(cdb.unrun, msg['speechID'], msg['token'], self.token):
@@ -554,7 +656,7 @@ class ClusterThread(Connections, threading.Thread):
             if self.channel is not None and not self.stopping:
                 self.sweep()
             try:
-                view = cdb.view(self.db, self.dead_secs)
+                view = self.db_do(cdb.view, self.dead_secs)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
                 view = None

@@ -53,6 +53,10 @@ MALFORMED = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError)
 OUTAGE = (pymysql.err.MySQLError, OSError)
 # The connection itself is gone: one immediate reconnect is worth trying before spooling.
 _LOST = {0, 2006, 2013, 2014, 2055}
+# InnoDB undid the transaction as a deadlock's victim (two writers upserting the same rows in a
+# different order, as the cluster thread and the db writer do): running it again is the remedy.
+DEADLOCK = 1213
+DEADLOCK_TRIES = 5
 
 # Longest values kept, in characters; TEXT holds 65535 bytes, 4 a character at worst.
 _TEXT = 16000
@@ -244,6 +248,23 @@ def segment_params(rec, task_id):
 
 _STATEMENTS = {ACCEPTED: (ACCEPTED_SQL, accepted_params), STATE: (STATE_SQL, state_params),
                FINAL: (FINAL_SQL, final_params)}
+
+
+def deadlocked(exc):
+    return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and exc.args[0] == DEADLOCK
+
+
+def again_on_deadlock(conn, fn, *args):
+    """fn(conn, *args), run again from its start (up to DEADLOCK_TRIES times in all) when InnoDB
+    chose it as a deadlock's victim; any other error, or the last deadlock, is raised."""
+    for attempt in range(1, DEADLOCK_TRIES + 1):
+        try:
+            return fn(conn, *args)
+        except pymysql.err.OperationalError as exc:
+            if not deadlocked(exc) or attempt == DEADLOCK_TRIES:
+                raise
+            log.info('database: deadlock (try %d of %d); running the transaction again', attempt, DEADLOCK_TRIES)
+            conn.rollback()
 
 
 def statement(ev):
@@ -691,7 +712,7 @@ class DatabaseSink:
         for attempt in (1, 2):
             began = time.monotonic()
             try:
-                self.written += self._execute(events)
+                self.written += again_on_deadlock(self.conn, lambda conn: self._execute(events))
                 return
             except OUTAGE as exc:
                 # A connection the server dropped while idle fails at once and is worth one fresh
@@ -731,7 +752,7 @@ class DatabaseSink:
             log.info('db writer: stopping; %d spooled event(s) left for the next start', len(self.spool))
             return False
         try:
-            applied = self._execute(batch) if batch else 0
+            applied = again_on_deadlock(self.conn, lambda conn: self._execute(batch)) if batch else 0
         except OUTAGE as exc:
             self._failed('replay failed after %d event(s)' % done, exc)
             return False

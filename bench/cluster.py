@@ -55,7 +55,7 @@ def start(base, haproxy, n, cluster_mode):
     # Two workers per node (the machine's core count), every task to the engine at once.
     c = Cluster(base, haproxy, dbname, n=n, cluster_mode=cluster_mode, engine='remote', webhook=False,
                 workers=2, max_tasks=5000, timeout=120, mp3='false', engine_concurrency=64,
-                log_level='info')
+                log_level='info', broker_link=False)
     try:
         c.start()
     except BaseException:

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import psutil
 import pymysql
@@ -293,7 +294,7 @@ class Cluster:
 
     def __init__(self, base, haproxy, dbname, n=3, cluster_mode=True, engine='remote', engines_per_node=1,
                  scan=False, webhook=True, http=False, node_dead_secs=4, heartbeat_secs=0.5, delivery_limit=2,
-                 extra_ini='', **node_opts):
+                 extra_ini='', broker_link=True, **node_opts):
         self.base = str(base)
         self.dbname = dbname
         self.cluster_mode = cluster_mode
@@ -314,7 +315,8 @@ class Cluster:
             os.makedirs(folder, exist_ok=True)
         self.receiver = Receiver() if webhook else None
         self.webhook_url = self.receiver.url if webhook else ''
-        self.broker = BrokerLink()
+        # broker_link=False: the nodes reach RabbitMQ straight (the bench: no relay in the path).
+        self.broker = BrokerLink() if broker_link else SimpleNamespace(port=BROKER[1], close=lambda: None)
         opts = dict(engine=engine, workers=2, max_tasks=1000, timeout=60, roots='%s, data' % self.shared,
                     engine_slots=max(1, engines_per_node), engine_concurrency=8, http='true' if http else 'false')
         opts.update(node_opts)

@@ -107,6 +107,9 @@ class Proxy:
                 client.close()
                 continue
             upstream.settimeout(None)
+            # A relay must not add Nagle's delay (40 ms against the peer's delayed ACK) to small frames.
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
                 self.socks.add(upstream)
             for a, b in ((client, upstream), (upstream, client)):

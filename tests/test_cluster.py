@@ -68,6 +68,8 @@ def node(make_daemon, dbname, qname, shared):
         if start:
             d.cli('db', 'init', check=True)
             d.start()
+            # Its queues exist from here on: what a test publishes straight to the broker is not dropped.
+            wait_for(lambda: monitor(d, 'cluster')['cluster']['brokerUp'], 30, '%s connected to the broker' % name)
         return d
     return make
 

@@ -658,3 +658,47 @@ def test_hostile_fields_are_stored_verbatim_and_harm_nothing(make_daemon, dbname
                                                      ' WHERE TABLE_SCHEMA = %s', (dbname,))}
     assert tables == {'task', 'node_status', 'task_segment', 'cluster_task', 'cluster_node', 'x'}
     assert 'matches schema.sql' in d.cli('db', 'check', check=True).stdout
+
+
+def test_a_deadlock_victim_is_run_again_on_its_connection(dbname):
+    """InnoDB undoes one of two transactions that lock rows in opposite orders (1213); the
+    victim runs again from its start on the same connection and its writes land."""
+    with server_connection() as conn, conn.cursor() as cur:
+        cur.execute('CREATE DATABASE `%s`' % dbname)
+    query(dbname, 'CREATE TABLE pair (id INT PRIMARY KEY, v INT) ENGINE=InnoDB')
+    query(dbname, 'INSERT INTO pair VALUES (1, 0), (2, 0), (3, 0), (4, 0)')
+    heavy, light = server_connection(database=dbname), server_connection(database=dbname)
+    locked, runs = threading.Event(), []
+
+    def body(conn):
+        runs.append(1)
+        conn.begin()
+        with conn.cursor() as cur:
+            cur.execute('UPDATE pair SET v = v + 10 WHERE id = 2')
+            if len(runs) == 1:
+                locked.set()
+                # Waits for `heavy`, which then asks for row 2: a deadlock, and `light` (one row
+                # changed against three) is InnoDB's victim.
+            cur.execute('UPDATE pair SET v = v + 10 WHERE id = 1')
+        conn.commit()
+        return len(runs)
+
+    try:
+        with heavy.cursor() as cur:
+            heavy.begin()
+            for i in (1, 3, 4):         # one row at a time: IN () on four rows would scan, locking all
+                cur.execute('UPDATE pair SET v = v + 1 WHERE id = %s', (i,))
+            out = []
+            t = threading.Thread(target=lambda: out.append(_db.again_on_deadlock(light, body)))
+            t.start()
+            assert locked.wait(30)
+            wait_for(lambda: query(dbname, "SELECT COUNT(*) AS n FROM information_schema.innodb_trx"
+                                           " WHERE trx_state = 'LOCK WAIT'")[0]['n'], 30, 'light waiting for row 1')
+            cur.execute('UPDATE pair SET v = v + 1 WHERE id = 2')
+            heavy.commit()
+        t.join(30)
+        assert out == [2]
+        assert {r['id']: r['v'] for r in query(dbname, 'SELECT * FROM pair')} == {1: 11, 2: 11, 3: 1, 4: 1}
+    finally:
+        heavy.close()
+        light.close()
