@@ -21,13 +21,14 @@ RUN, HOLD, ANSWERED, DROP, DEAD = 'run', 'hold', 'answered', 'drop', 'dead'
 _TAKE_OVER = ', '.join('%s = IF(state = \'final\', VALUES(%s), %s)' % (c, c, c) for c in (
     'token', 'origin_node', 'origin_token', 'message', 'run_node', 'run_token', 'attempts', 'source', 'answer',
     'created_at'))
-INSERT_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, origin_token, message, run_node, run_token,'
-              ' state, attempts, source, answer, created_at) VALUES (%s, %s, %s, %s, %s, NULL, NULL, \'queued\', 0,'
-              ' %s, NULL, NOW(6)) ON DUPLICATE KEY UPDATE ' + _TAKE_OVER
-              + ', state = IF(state = \'final\', \'queued\', state)')
-SCANNED_SQL = ('INSERT INTO cluster_task (speech_id, token, origin_node, origin_token, message, state, attempts,'
-               ' source, created_at) VALUES (%s, %s, %s, %s, %s, \'queued\', 0, %s, NOW(6))'
-               ' ON DUPLICATE KEY UPDATE speech_id = speech_id')
+_INSERT_HEAD = ('INSERT INTO cluster_task (speech_id, token, origin_node, origin_token, message, run_node, run_token,'
+                ' state, attempts, source, answer, created_at) VALUES ')
+_INSERT_ROW = '(%s, %s, %s, %s, %s, NULL, NULL, \'queued\', 0, %s, NULL, NOW(6))'
+_INSERT_TAIL = {False: ' ON DUPLICATE KEY UPDATE ' + _TAKE_OVER + ', state = IF(state = \'final\', \'queued\', state)',
+                True: ' ON DUPLICATE KEY UPDATE speech_id = speech_id'}
+INSERT_SQL = _INSERT_HEAD + _INSERT_ROW + _INSERT_TAIL[False]
+SCANNED_SQL = _INSERT_HEAD + _INSERT_ROW + _INSERT_TAIL[True]
+TOKENS_SQL = 'SELECT speech_id, token FROM cluster_task WHERE speech_id IN (%s)'
 # Queued rows whose entering life is gone (it died before publishing, or the message was lost with
 # it): a live node claims them (origin = itself) and publishes their message again.
 ORPHANS_SQL = ('SELECT t.speech_id, t.token, t.origin_node, t.origin_token, t.message FROM cluster_task t'
@@ -51,6 +52,12 @@ NODE_SQL = ('SELECT token, status, alive_at > NOW(6) - INTERVAL %s MICROSECOND A
 RUN_SQL = ('UPDATE cluster_task SET state = \'running\', run_node = %s, run_token = %s, attempts = attempts + 1'
            ' WHERE speech_id = %s AND token = %s')
 # The common case in one statement: a queued task not yet started `limit` times is this node's now.
+QUEUED_SQL = ('SELECT speech_id, token FROM cluster_task WHERE speech_id IN (%s) AND state = \'queued\''
+              ' AND attempts < %%s FOR UPDATE')
+TAKE_MANY_SQL = ('UPDATE cluster_task SET state = \'running\', run_node = %%s, run_token = %%s,'
+                 ' attempts = attempts + 1 WHERE speech_id IN (%s)')
+FINAL_MANY_SQL = ('UPDATE cluster_task SET answer = CASE speech_id %s END, state = \'final\''
+                  ' WHERE speech_id IN (%s) AND state <> \'final\' AND token = CASE speech_id %s END')
 TAKE_FAST_SQL = ('UPDATE cluster_task SET state = \'running\', run_node = %s, run_token = %s,'
                  ' attempts = attempts + 1 WHERE speech_id = %s AND token = %s AND state = \'queued\''
                  ' AND attempts < %s')
@@ -129,11 +136,66 @@ def insert(conn, sid, token, node, source, dead_secs, node_token=None, message=N
     return False, answer if scanned and state == FINAL else None
 
 
-def in_transaction(conn, fn, items):
-    """[fn(conn, item) for item in items] in one transaction: one commit (one fsync) for many tasks."""
-    if len(items) == 1:
-        return [fn(conn, items[0])]        # autocommit: one round trip fewer
-    return atomic(conn, lambda c: [fn(c, item) for item in items])
+def marks(n):
+    return ', '.join(['%s'] * n)
+
+
+def insert_many(conn, tasks, node, dead_secs, node_token):
+    """insert() for many tasks, [(sid, token, source, message)], in two statements when every row
+    is new (the common case); a task whose row is not its own after them goes through insert()
+    to learn why. Returns [(entered, answer)] in order."""
+    with conn.cursor() as cur:
+        for scanned in (False, True):
+            group = [t for t in tasks if (t[2] == 'scanner') == scanned]
+            if group:
+                cur.execute(_INSERT_HEAD + ', '.join([_INSERT_ROW] * len(group)) + _INSERT_TAIL[scanned],
+                            [v for sid, token, source, message in group
+                             for v in (sid, token, node, node_token, message, source)])
+        cur.execute(TOKENS_SQL % marks(len(tasks)), [t[0] for t in tasks])
+        tokens = dict(cur.fetchall())
+    return [(True, None) if tokens.get(sid) == token else
+            insert(conn, sid, token, node, source, dead_secs, node_token, message)
+            for sid, token, source, message in tasks]
+
+
+def take_many(conn, tasks, me, my_token, limit):
+    """take_fast() for many delivered tasks, [(sid, token)], under one lock of their rows:
+    [True] for each that was queued and is this node's now (a second delivery of the same one in
+    the batch: False, and take() decides it)."""
+    sids = sorted({sid for sid, _ in tasks})
+    with conn.cursor() as cur:
+        cur.execute(QUEUED_SQL % marks(len(sids)), sids + [limit])
+        queued = set(cur.fetchall())
+        out, taken = [], set()
+        for task in tasks:
+            fast = task in queued and task[0] not in taken
+            if fast:
+                taken.add(task[0])
+            out.append(fast)
+        if taken:
+            cur.execute(TAKE_MANY_SQL % marks(len(taken)), [me, my_token] + sorted(taken))
+    return out
+
+
+def finish_many(conn, tasks):
+    """finish() for many tasks, [(sid, token, answer, task_row)]: their rows final in one
+    statement, their task rows in one more (one by one if the database refuses that)."""
+    when = ' '.join(['WHEN %s THEN %s'] * len(tasks))
+    answers = [v for sid, _, answer, _ in tasks for v in (sid, json.dumps(answer, ensure_ascii=False))]
+    tokens = [v for sid, token, _, _ in tasks for v in (sid, token)]
+    rows = [row for _, _, _, row in tasks if row is not None]
+    with conn.cursor() as cur:
+        cur.execute(FINAL_MANY_SQL % (when, marks(len(tasks)), when), answers + [t[0] for t in tasks] + tokens)
+        if len({sql for sql, _ in rows}) == 1:
+            try:
+                cur.execute('SAVEPOINT task_rows')
+                cur.executemany(rows[0][0], [params for _, params in rows])     # one multi-row upsert
+                return
+            except _db.POISON as exc:
+                cur.execute('ROLLBACK TO SAVEPOINT task_rows')
+                log.warning('cluster: %d final task rows refused together (%s); one by one', len(rows), exc)
+        for sid, _, _, row in tasks:
+            _task_row(cur, sid, row)
 
 
 def atomic(conn, fn, *args):
@@ -211,11 +273,15 @@ def finish(conn, sid, token, answer, task_row=None):
     of _db), so that it does not depend on a db writer that may die with its node."""
     with conn.cursor() as cur:
         cur.execute(FINAL_SQL, (json.dumps(answer, ensure_ascii=False), sid, token))
-        if task_row is not None:
-            try:
-                cur.execute(*task_row)
-            except _db.POISON + _db.MALFORMED as exc:
-                log.error('cluster: speechID=%s: final task row refused: %s', sid, exc)
+        _task_row(cur, sid, task_row)
+
+
+def _task_row(cur, sid, task_row):
+    if task_row is not None:
+        try:
+            cur.execute(*task_row)
+        except _db.POISON + _db.MALFORMED as exc:
+            log.error('cluster: speechID=%s: final task row refused: %s', sid, exc)
 
 
 def heartbeat(conn, node, token, pid, status, broker_up, capacity, running, waiting):

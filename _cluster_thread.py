@@ -399,18 +399,21 @@ class ClusterThread(Connections, threading.Thread):
         ends = [c for c in self.later if c[0] == 'finish' and not c[1].get('final')]
         if self.db is None or len(subs) + len(ends) < 2:
             return      # one alone: the command does it itself
-        try:
-            if subs:
-                done = self.db_do(cdb.in_transaction, self.enter, subs)
-                for msg, (entered, answer) in zip(subs, done):
-                    msg['entered'], msg['answer'] = entered, answer
+        def both(conn):
+            entered = cdb.insert_many(conn, [(m['speechID'], m['token'], m['source'], self.message(m))
+                                             for m in subs], self.node, self.dead_secs, self.token) if subs else []
             if ends:
-                self.db_do(cdb.in_transaction, lambda conn, c: cdb.finish(
-                    conn, c[1]['speechID'], c[1]['token'], c[3], self.task_row(*c[4:])), ends)
-                for command in ends:
-                    command[1]['final'] = True
+                cdb.finish_many(conn, [(c[1]['speechID'], c[1]['token'], c[3], self.task_row(*c[4:])) for c in ends])
+            return entered
+        try:
+            done = self.db_do(cdb.atomic, both)
         except DB_ERRORS as exc:
             self.drop_db(exc)
+            return
+        for msg, (entered, answer) in zip(subs, done):
+            msg['entered'], msg['answer'] = entered, answer
+        for command in ends:
+            command[1]['final'] = True
 
     def apply_capacity(self):
         """Prefetch = what this node can run; none at all (prefetch 0 would mean no limit): no consumer."""
@@ -459,7 +462,11 @@ class ClusterThread(Connections, threading.Thread):
     def enter(self, conn, msg):
         """Insert the task's row, with the message a live node publishes again if this life dies first."""
         return cdb.insert(conn, msg['speechID'], msg['token'], self.node, msg['source'], self.dead_secs, self.token,
-                          json.dumps(msg, ensure_ascii=False))
+                          self.message(msg))
+
+    @staticmethod
+    def message(msg):
+        return json.dumps(msg, ensure_ascii=False)
 
     def sweep(self):
         """Publish again what dead lives entered and may never have published (a duplicate finds the
@@ -525,8 +532,12 @@ class ClusterThread(Connections, threading.Thread):
         taken = [False] * len(batch)
         if self.db is not None and not self.stopping:
             try:
-                taken = self.db_do(cdb.in_transaction, lambda conn, item: cdb.take_fast(
-                    conn, item[1]['speechID'], item[1]['token'], self.node, self.token, self.limit), batch)
+                if len(batch) == 1:
+                    taken = [self.db_do(cdb.take_fast, batch[0][1]['speechID'], batch[0][1]['token'], self.node,
+                                        self.token, self.limit)]
+                else:
+                    taken = self.db_do(cdb.atomic, cdb.take_many, [(m['speechID'], m['token']) for _, m in batch],
+                                       self.node, self.token, self.limit)
             except DB_ERRORS as exc:
                 self.drop_db(exc)
         for (handle, msg), fast in zip(batch, taken):

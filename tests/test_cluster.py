@@ -130,6 +130,54 @@ def test_single_node_mode_loads_no_broker_client(daemon):
     assert 'cluster' not in daemon.log_text().lower()
 
 
+def test_batched_statements_decide_each_task_as_one_by_one_would(tmp_path, dbname):
+    """The cluster thread enters, takes and ends many tasks per transaction with a few
+    multi-row statements; each task must still get what insert(), take_fast() and finish()
+    would give it alone."""
+    import _cluster_db as cdb
+    import _db
+    ini = tmp_path / 'app.ini'
+    ini.write_text(db_section(dbname))
+    cfg = _config.load(str(ini))
+    _db.init(cfg, out=lambda *a: None)
+    conn = cdb.connect(cfg)
+    try:
+        cdb.ensure_tables(conn)
+        assert cdb.insert(conn, 'busy', 't-busy', 'n1', 'client', 30) == (True, None)
+        assert cdb.insert(conn, 'old', 't-old', 'n1', 'client', 30) == (True, None)
+        cdb.finish(conn, 'old', 't-old', {'result': '0'})
+        assert cdb.insert(conn, 'file', 't-file', 'n1', 'scanner', 30) == (True, None)
+        cdb.finish(conn, 'file', 't-file', {'result': '0', 'x': 1})
+        entered = cdb.atomic(conn, cdb.insert_many, [
+            ('new1', 'a1', 'client', '{}'), ('busy', 'a2', 'client', '{}'), ('old', 'a3', 'client', '{}'),
+            ('file', 'a4', 'scanner', '{}'), ('new2', 'a5', 'scanner', '{}')], 'n2', 30, 'life2')
+        # New rows and a final one taken over are entered; a task in progress is refused; a
+        # scanned file whose task is final gets that answer.
+        assert entered == [(True, None), (False, None), (True, None), (False, '{"result": "0", "x": 1}'),
+                           (True, None)]
+        rows = {r[0]: r[1:] for r in query_rows(dbname, 'SELECT speech_id, token, state, origin_node'
+                                                        ' FROM cluster_task')}
+        assert rows['old'] == ('a3', 'queued', 'n2') and rows['busy'] == ('t-busy', 'queued', 'n1')
+        # A second delivery of the same task in one batch, a wrong token, one started too often.
+        query(dbname, "UPDATE cluster_task SET attempts = 2 WHERE speech_id = 'new2'")
+        taken = cdb.atomic(conn, cdb.take_many, [('new1', 'a1'), ('new1', 'a1'), ('busy', 'wrong'),
+                                                 ('old', 'a3'), ('new2', 'a5')], 'n3', 'life3', 2)
+        assert taken == [True, False, False, True, False]
+        assert cdb.take(conn, 'new1', 'a1', 'n3', 'life3', 30, 2)[0] == cdb.HOLD
+        cdb.atomic(conn, cdb.finish_many, [('new1', 'a1', {'result': '0'}, None),
+                                           ('old', 'zz', {'result': '1'}, None),
+                                           ('busy', 't-busy', {'result': '5'}, None)])
+        rows = {r[0]: r[1:] for r in query_rows(dbname, 'SELECT speech_id, state, answer FROM cluster_task')}
+        assert rows['new1'] == ('final', '{"result": "0"}') and rows['busy'] == ('final', '{"result": "5"}')
+        assert rows['old'] == ('running', None)         # not its token: left alone
+    finally:
+        conn.close()
+
+
+def query_rows(dbname, sql):
+    return [tuple(r.values()) for r in query(dbname, sql)]
+
+
 # ---------------------------------------------------------------- one node
 
 def test_one_node_answers_byte_for_byte_as_single_node_mode(make_daemon, node, shared, dbname, qname):
