@@ -144,6 +144,9 @@ def insert_many(conn, tasks, node, dead_secs, node_token):
     """insert() for many tasks, [(sid, token, source, message)], in two statements when every row
     is new (the common case); a task whose row is not its own after them goes through insert()
     to learn why. Returns [(entered, answer)] in order."""
+    if len(tasks) < 2:
+        return [insert(conn, sid, token, node, source, dead_secs, node_token, message)
+                for sid, token, source, message in tasks]
     with conn.cursor() as cur:
         for scanned in (False, True):
             group = [t for t in tasks if (t[2] == 'scanner') == scanned]
@@ -162,6 +165,8 @@ def take_many(conn, tasks, me, my_token, limit):
     """take_fast() for many delivered tasks, [(sid, token)], under one lock of their rows:
     [True] for each that was queued and is this node's now (a second delivery of the same one in
     the batch: False, and take() decides it)."""
+    if len(tasks) < 2:
+        return [take_fast(conn, sid, token, me, my_token, limit) for sid, token in tasks]
     sids = sorted({sid for sid, _ in tasks})
     with conn.cursor() as cur:
         cur.execute(QUEUED_SQL % marks(len(sids)), sids + [limit])
@@ -180,6 +185,10 @@ def take_many(conn, tasks, me, my_token, limit):
 def finish_many(conn, tasks):
     """finish() for many tasks, [(sid, token, answer, task_row)]: their rows final in one
     statement, their task rows in one more (one by one if the database refuses that)."""
+    if len(tasks) < 2:
+        for sid, token, answer, row in tasks:
+            finish(conn, sid, token, answer, row)
+        return
     when = ' '.join(['WHEN %s THEN %s'] * len(tasks))
     answers = [v for sid, _, answer, _ in tasks for v in (sid, json.dumps(answer, ensure_ascii=False))]
     tokens = [v for sid, token, _, _ in tasks for v in (sid, token)]

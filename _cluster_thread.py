@@ -334,24 +334,25 @@ class ClusterThread(Connections, threading.Thread):
             self.connect_db()
         if self.conn is None and now >= self.broker_next and self.db is not None:
             self.connect_broker()
-        self.take_commands()
         if time.monotonic() >= self.beat_next:
             self.beat_next = time.monotonic() + self.beat_secs
             self.periodic()
-        wait = max(0.0, min(IDLE_SECS, self.beat_next - time.monotonic()))
+        wait = 0.0 if not self.commands.empty() else max(0.0, min(IDLE_SECS, self.beat_next - time.monotonic()))
         if self.conn is not None:
             try:
+                # Back at once when a delivery or a confirm arrives or a command is put (put() wakes it).
                 self.conn.process_data_events(time_limit=wait)
             except BROKER_ERRORS as exc:
                 self.drop_broker(exc)
             if self.publisher is not None:
                 self.publisher.settle()
-            self.decide_all()
         else:
             try:
                 self.later.append(self.commands.get(timeout=wait))
             except queue.Empty:
                 pass
+        self.take_commands()
+        self.decide_all()
 
     def take_commands(self):
         while True:
@@ -393,27 +394,34 @@ class ClusterThread(Connections, threading.Thread):
     # ------------------------------------------------------------ connections
 
     def prepare(self):
-        """The database work of every waiting submit and finish, in one transaction for each kind;
-        the commands then only publish and ack."""
+        """The database work of every waiting submit and finish and of the tasks just delivered, in
+        one transaction (one commit for all); the commands then only publish and ack, and
+        decide_all() runs what it took."""
         subs = [c[1] for c in self.later if c[0] == 'submit' and 'entered' not in c[1]]
         ends = [c for c in self.later if c[0] == 'finish' and not c[1].get('final')]
-        if self.db is None or len(subs) + len(ends) < 2:
-            return      # one alone: the command does it itself
-        def both(conn):
+        takes = [] if self.stopping else [m for _, m in self.delivered]
+        if self.db is None or not (subs or ends or takes):
+            return
+
+        def work(conn):
             entered = cdb.insert_many(conn, [(m['speechID'], m['token'], m['source'], self.message(m))
-                                             for m in subs], self.node, self.dead_secs, self.token) if subs else []
-            if ends:
-                cdb.finish_many(conn, [(c[1]['speechID'], c[1]['token'], c[3], self.task_row(*c[4:])) for c in ends])
-            return entered
+                                             for m in subs], self.node, self.dead_secs, self.token)
+            cdb.finish_many(conn, [(c[1]['speechID'], c[1]['token'], c[3], self.task_row(*c[4:])) for c in ends])
+            return entered, cdb.take_many(conn, [(m['speechID'], m['token']) for m in takes], self.node,
+                                          self.token, self.limit)
         try:
-            done = self.db_do(cdb.atomic, both)
+            # One statement alone commits by itself (autocommit): no BEGIN and COMMIT round trips.
+            alone = len(subs) + len(takes) == 1 and not ends
+            entered, taken = self.db_do(work) if alone else self.db_do(cdb.atomic, work)
         except DB_ERRORS as exc:
             self.drop_db(exc)
             return
-        for msg, (entered, answer) in zip(subs, done):
-            msg['entered'], msg['answer'] = entered, answer
+        for msg, (ok, answer) in zip(subs, entered):
+            msg['entered'], msg['answer'] = ok, answer
         for command in ends:
             command[1]['final'] = True
+        for msg, fast in zip(takes, taken):
+            msg['fast'] = fast
 
     def apply_capacity(self):
         """Prefetch = what this node can run; none at all (prefetch 0 would mean no limit): no consumer."""
@@ -525,23 +533,10 @@ class ClusterThread(Connections, threading.Thread):
         self.delivered.append((handle, msg))
 
     def decide_all(self):
-        """The tasks just delivered: the queued ones taken in one transaction, the rest one by one."""
+        """The tasks just delivered: those prepare() took run here, the rest are decided one by one."""
         batch, self.delivered = self.delivered, []
-        if not batch:
-            return
-        taken = [False] * len(batch)
-        if self.db is not None and not self.stopping:
-            try:
-                if len(batch) == 1:
-                    taken = [self.db_do(cdb.take_fast, batch[0][1]['speechID'], batch[0][1]['token'], self.node,
-                                        self.token, self.limit)]
-                else:
-                    taken = self.db_do(cdb.atomic, cdb.take_many, [(m['speechID'], m['token']) for _, m in batch],
-                                       self.node, self.token, self.limit)
-            except DB_ERRORS as exc:
-                self.drop_db(exc)
-        for (handle, msg), fast in zip(batch, taken):
-            if fast:
+        for handle, msg in batch:
+            if msg.pop('fast', False):
                 self.running.add(handle)
                 self.post(('run', msg, handle, None))
             else:
