@@ -381,7 +381,10 @@ class Cluster:
         """(folder, name) of a fixture copied into the shared data folder once."""
         dest = os.path.join(self.data, name)
         if not os.path.exists(dest):
-            shutil.copy(os.path.join(FIXTURES, name), dest)
+            # Clients call this from many threads: a half-copied file must never be visible.
+            part = '%s.%s.part' % (dest, uuid.uuid4().hex[:8])
+            shutil.copy(os.path.join(FIXTURES, name), part)
+            os.replace(part, dest)
         return self.data, name
 
     def request(self, sid, name='en_morning.wav'):
