@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from _engine import Recognition, Utterance, Word
+from _engine import Recognition, Utterance, Word, utterances_of
 
 log = logging.getLogger('vad')
 
@@ -160,6 +160,12 @@ def _remap(rec, gated, rate):
     utterances = []
     for u in rec.utterances:
         words = [place(w) for w in u.words]
+        # The gate shortens pauses to twice the padding; cut again where the source's
+        # pause is long enough to end an utterance.
+        pieces = utterances_of(words)
+        if len(pieces) > 1:
+            utterances.extend(pieces)
+            continue
         start = words[0].start if words else gated.to_source(int(round(u.start * rate))) / rate
         end = words[-1].end if words else gated.to_source(int(round(u.end * rate))) / rate
         utterances.append(Utterance(start, end, u.text, u.confidence, words))

@@ -164,3 +164,17 @@ def test_call_sets_are_what_they_say(calls):
     other = 1 if first['channel'] == 'A' else 0
     level = np.sqrt(np.mean(frames[span, other] ** 2))
     assert callsets.NOISE_RMS * 1.2 < level < np.sqrt(np.mean(frames[span, 1 - other] ** 2)) / 10
+
+
+def test_pauses_the_gate_shortened_still_end_utterances(sphinx):
+    # Three sentences 1 s apart: padded by 0.1 s, the engine hears 0.2 s pauses, too short
+    # to end an utterance; on the source's timeline they are 1 s and do.
+    prepared = _audio.prepare(os.path.join(FIXTURES, 'three_sentences.wav'), sphinx.sample_rate)
+    whole, = prepared.engine_pcm
+    alone = sphinx.recognize(whole)
+    assert len(alone.utterances) == 3
+    rec, = _vad.recognize(sphinx, [whole], _vad.VadSettings(padding_secs=0.1))
+    assert [u.text for u in rec.utterances] == [u.text for u in alone.utterances]
+    for u, a in zip(rec.utterances, alone.utterances):
+        assert u.start == pytest.approx(a.start, abs=0.15) and u.end == pytest.approx(a.end, abs=0.15)
+        assert u.text == ' '.join(w.word for w in u.words)
