@@ -178,3 +178,18 @@ def test_pauses_the_gate_shortened_still_end_utterances(sphinx):
     for u, a in zip(rec.utterances, alone.utterances):
         assert u.start == pytest.approx(a.start, abs=0.15) and u.end == pytest.approx(a.end, abs=0.15)
         assert u.text == ' '.join(w.word for w in u.words)
+
+
+def test_less_padding_after_a_region_than_before():
+    # The VAD finds the end of speech closely but misses quiet onsets: a region keeps
+    # padding_secs before and padding_after_secs after.
+    voice = speech()
+    signal = noisy_silence(12.0)
+    at = int(6.5 * RATE)
+    signal[at:at + len(voice)] += voice
+    flags, frame = _vad.speech_flags([pcm_of(signal)], RATE, _vad.VadSettings())
+    (first, end), = _vad._runs(flags[0])
+    settings = _vad.VadSettings(padding_secs=0.3, padding_after_secs=0.12)
+    (start, stop), = _vad.regions(flags[0], frame, len(signal), RATE, settings)
+    assert (first * frame - start, stop - end * frame) == (int(0.3 * RATE), int(0.12 * RATE))
+    assert _vad.VadSettings().padding_after_secs < _vad.VadSettings().padding_secs
