@@ -161,7 +161,7 @@ engine_concurrency = integer(min=1, max=10000, default=1)
 # word times are mapped back to the source. The thresholds below tune what counts as speech.
 vad = boolean(default=True)
 # WebRTC VAD mode: 0 keeps the most, 3 the least.
-vad_aggressiveness = integer(min=0, max=3, default=2)
+vad_aggressiveness = integer(min=0, max=3, default=3)
 # Frames below this level (dBFS) are silence whatever the VAD says (line hiss, hold).
 vad_min_dbfs = float(min=-96, max=0, default=-45)
 # Audio kept before and after each region (quiet onsets need more before), and pauses

@@ -18,7 +18,7 @@ VAD_RATES = (8000, 16000, 32000, 48000)     # what WebRTC's VAD takes
 @dataclass
 class VadSettings:
     enabled: bool = True
-    aggressiveness: int = 2         # WebRTC VAD mode 0 (lenient) .. 3 (strict)
+    aggressiveness: int = 3         # WebRTC VAD mode 0 (lenient) .. 3 (strict)
     frame_ms: int = 30              # 10, 20 or 30
     min_dbfs: float = -45.0         # frames quieter than this are silence, whatever the VAD says
     padding_secs: float = 0.3       # kept before each region: quiet onsets (/h/) the VAD misses
