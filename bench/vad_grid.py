@@ -5,7 +5,7 @@ tests/callsets.py (the same files as bench/speed.py):
 1. where the kept audio comes from, per set: the speech of the script (turn times), the
    frames WebRTC's VAD calls speech, those above vad_min_dbfs, after bridging and after
    padding (defaults of _vad.VadSettings);
-2. for each setting of a grid (padding, bridge, aggressiveness, min_dbfs): kept share,
+2. for each setting of a grid (padding before/after, bridge, aggressiveness, min_dbfs): kept share,
    engine CPU with the gate vs without (the ungated decode made once per call), WER with
    and without (jiwer), and the share of words more than 0.15 s off the speech.
 
@@ -43,25 +43,29 @@ CALLS = os.path.join(tempfile.gettempdir(), 'svcmgr-callsets')
 def grid(kind):
     """[VadSettings]: the defaults first."""
     out = [_vad.VadSettings()]
+    # (padding before, after, bridge, aggressiveness, min_dbfs)
     if kind == 'padding':
-        axes = [(0.2, 0.3, 2, -45), (0.1, 0.2, 2, -45), (0.1, 0.3, 2, -45)]
+        axes = [(0.3, 0.3, 0.5, 2, -45), (0.3, 0.12, 0.5, 2, -45), (0.3, 0.12, 0.5, 3, -45),
+                (0.1, 0.1, 0.2, 2, -45)]
     elif kind == 'full':
-        axes = itertools.product((0.1, 0.2, 0.3), (0.2, 0.3, 0.5), (2, 3), (-45, -40))
+        axes = [(p, p, b, a, d) for p, b, a, d in
+                itertools.product((0.1, 0.2, 0.3), (0.2, 0.3, 0.5), (2, 3), (-45, -40))]
     else:
-        axes = [(p, b, 2, -45) for p in (0.1, 0.2, 0.3) for b in (0.2, 0.3, 0.5)]
-        axes += [(p, b, 3, -45) for p, b in ((0.3, 0.5), (0.2, 0.3), (0.1, 0.2))]
-        axes += [(p, b, 2, -40) for p, b in ((0.3, 0.5), (0.2, 0.3), (0.1, 0.2))]
-    for padding, bridge, aggressiveness, min_dbfs in axes:
-        s = _vad.VadSettings(padding_secs=padding, bridge_secs=bridge, aggressiveness=aggressiveness,
-                             min_dbfs=min_dbfs)
+        axes = [(p, p, b, 2, -45) for p in (0.1, 0.2, 0.3) for b in (0.2, 0.3, 0.5)]
+        axes += [(p, p, b, 3, -45) for p, b in ((0.3, 0.5), (0.2, 0.3), (0.1, 0.2))]
+        axes += [(p, p, b, 2, -40) for p, b in ((0.3, 0.5), (0.2, 0.3), (0.1, 0.2))]
+        axes += [(0.3, 0.12, 0.5, 2, -45), (0.3, 0.12, 0.5, 3, -45)]
+    for before, after, bridge, aggressiveness, min_dbfs in axes:
+        s = _vad.VadSettings(padding_secs=before, padding_after_secs=after, bridge_secs=bridge,
+                             aggressiveness=aggressiveness, min_dbfs=min_dbfs)
         if s != out[0]:
             out.append(s)
     return out
 
 
 def label(s):
-    return 'pad %.1f bridge %.1f aggr %d dbfs %3.0f' % (s.padding_secs, s.bridge_secs, s.aggressiveness,
-                                                        s.min_dbfs)
+    return 'pad %.1f/%.2f bridge %.1f aggr %d dbfs %3.0f' % (
+        s.padding_secs, s.padding_after_secs, s.bridge_secs, s.aggressiveness, s.min_dbfs)
 
 
 def _share(flags):
