@@ -161,11 +161,13 @@ engine_concurrency = integer(min=1, max=10000, default=1)
 # word times are mapped back to the source. The thresholds below tune what counts as speech.
 vad = boolean(default=True)
 # WebRTC VAD mode: 0 keeps the most, 3 the least.
-vad_aggressiveness = integer(min=0, max=3, default=2)
+vad_aggressiveness = integer(min=0, max=3, default=3)
 # Frames below this level (dBFS) are silence whatever the VAD says (line hiss, hold).
 vad_min_dbfs = float(min=-96, max=0, default=-45)
-# Audio kept before and after each region, and pauses inside speech kept as they are.
+# Audio kept before and after each region (quiet onsets need more before), and pauses
+# inside speech kept as they are.
 vad_padding_secs = float(min=0, max=5, default=0.3)
+vad_padding_after_secs = float(min=0, max=5, default=0.12)
 vad_bridge_secs = float(min=0, max=10, default=0.5)
 # Bursts shorter than this are clicks, not words.
 vad_min_speech_secs = float(min=0, max=5, default=0.12)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from _engine import Recognition, Utterance, Word
+from _engine import Recognition, Utterance, Word, utterances_of
 
 log = logging.getLogger('vad')
 
@@ -18,10 +18,11 @@ VAD_RATES = (8000, 16000, 32000, 48000)     # what WebRTC's VAD takes
 @dataclass
 class VadSettings:
     enabled: bool = True
-    aggressiveness: int = 2         # WebRTC VAD mode 0 (lenient) .. 3 (strict)
+    aggressiveness: int = 3         # WebRTC VAD mode 0 (lenient) .. 3 (strict)
     frame_ms: int = 30              # 10, 20 or 30
     min_dbfs: float = -45.0         # frames quieter than this are silence, whatever the VAD says
-    padding_secs: float = 0.3       # kept before and after each region: the engine's own context
+    padding_secs: float = 0.3       # kept before each region: quiet onsets (/h/) the VAD misses
+    padding_after_secs: float = 0.12    # kept after each region
     min_speech_secs: float = 0.12   # shorter bursts (clicks) are dropped
     bridge_secs: float = 0.5        # silences shorter than this inside speech are kept as they are
     crosstalk_db: float = 15.0      # stereo: a frame this much quieter than the other channel's is echo
@@ -31,6 +32,7 @@ class VadSettings:
         e = cfg['engine']
         return cls(enabled=bool(e['vad']), aggressiveness=int(e['vad_aggressiveness']),
                    min_dbfs=float(e['vad_min_dbfs']), padding_secs=float(e['vad_padding_secs']),
+                   padding_after_secs=float(e['vad_padding_after_secs']),
                    min_speech_secs=float(e['vad_min_speech_secs']), bridge_secs=float(e['vad_bridge_secs']),
                    crosstalk_db=float(e['vad_crosstalk_db']))
 
@@ -122,10 +124,10 @@ def speech_flags(channels, rate, settings):
 
 def regions(flags, frame, total, rate, settings):
     """Speech regions in source samples, padded and merged where the padding meets."""
-    pad = int(settings.padding_secs * rate)
+    before, after = int(settings.padding_secs * rate), int(settings.padding_after_secs * rate)
     out = []
     for first, end in _runs(flags):
-        start, stop = max(0, first * frame - pad), min(total, end * frame + pad)
+        start, stop = max(0, first * frame - before), min(total, end * frame + after)
         if out and start <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], stop))
         else:
@@ -160,6 +162,12 @@ def _remap(rec, gated, rate):
     utterances = []
     for u in rec.utterances:
         words = [place(w) for w in u.words]
+        # The gate shortens pauses to twice the padding; cut again where the source's
+        # pause is long enough to end an utterance.
+        pieces = utterances_of(words)
+        if len(pieces) > 1:
+            utterances.extend(pieces)
+            continue
         start = words[0].start if words else gated.to_source(int(round(u.start * rate))) / rate
         end = words[-1].end if words else gated.to_source(int(round(u.end * rate))) / rate
         utterances.append(Utterance(start, end, u.text, u.confidence, words))

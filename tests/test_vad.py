@@ -164,3 +164,32 @@ def test_call_sets_are_what_they_say(calls):
     other = 1 if first['channel'] == 'A' else 0
     level = np.sqrt(np.mean(frames[span, other] ** 2))
     assert callsets.NOISE_RMS * 1.2 < level < np.sqrt(np.mean(frames[span, 1 - other] ** 2)) / 10
+
+
+def test_pauses_the_gate_shortened_still_end_utterances(sphinx):
+    # Three sentences 1 s apart: padded by 0.1 s, the engine hears 0.2 s pauses, too short
+    # to end an utterance; on the source's timeline they are 1 s and do.
+    prepared = _audio.prepare(os.path.join(FIXTURES, 'three_sentences.wav'), sphinx.sample_rate)
+    whole, = prepared.engine_pcm
+    alone = sphinx.recognize(whole)
+    assert len(alone.utterances) == 3
+    rec, = _vad.recognize(sphinx, [whole], _vad.VadSettings(padding_secs=0.1))
+    assert [u.text for u in rec.utterances] == [u.text for u in alone.utterances]
+    for u, a in zip(rec.utterances, alone.utterances):
+        assert u.start == pytest.approx(a.start, abs=0.15) and u.end == pytest.approx(a.end, abs=0.15)
+        assert u.text == ' '.join(w.word for w in u.words)
+
+
+def test_less_padding_after_a_region_than_before():
+    # The VAD finds the end of speech closely but misses quiet onsets: a region keeps
+    # padding_secs before and padding_after_secs after.
+    voice = speech()
+    signal = noisy_silence(12.0)
+    at = int(6.5 * RATE)
+    signal[at:at + len(voice)] += voice
+    flags, frame = _vad.speech_flags([pcm_of(signal)], RATE, _vad.VadSettings())
+    (first, end), = _vad._runs(flags[0])
+    settings = _vad.VadSettings(padding_secs=0.3, padding_after_secs=0.12)
+    (start, stop), = _vad.regions(flags[0], frame, len(signal), RATE, settings)
+    assert (first * frame - start, stop - end * frame) == (int(0.3 * RATE), int(0.12 * RATE))
+    assert _vad.VadSettings().padding_after_secs < _vad.VadSettings().padding_secs
