@@ -121,6 +121,33 @@ def test_cluster_needs_the_database_and_checks_its_keys(tmp_path):
     assert cfg['cluster']['shared_path'] == str(tmp_path / 'nfs') and cfg['cluster']['delivery_limit'] == 2
 
 
+def test_cluster_mode_keeps_uploads_on_the_shared_storage(tmp_path):
+    ini = tmp_path / 'app.ini'
+    on = '[db]\nenabled = true\nnode = n7\n[cluster]\nenabled = true\n'
+
+    def load(text):
+        ini.write_text(text)
+        return _config.load(str(ini))
+
+    with pytest.raises(_config.ConfigError) as err:
+        load(on)
+    assert 'app.ini [cluster] shared_path: cluster mode with [http] enabled needs it' in err.value.problems[0]
+    assert load(on + '[http]\nenabled = false\n')['cluster']['enabled']
+    # Unset, or the shipped app.ini's `uploads`: <shared_path>/uploads/<node>/, which every node may read.
+    for http in ('', '[http]\nupload_path = uploads\n'):
+        cfg = load(on + 'shared_path = nfs\n' + http)
+        assert cfg['http']['upload_path'] == str(tmp_path / 'nfs' / 'uploads' / 'n7')
+        assert str(tmp_path / 'nfs' / 'uploads') in _config.task_roots(cfg)
+    assert load(on + 'shared_path = nfs\n[http]\nupload_path = nfs/uploads/mine\n')['http']['upload_path'] == \
+        str(tmp_path / 'nfs' / 'uploads' / 'mine')
+    with pytest.raises(_config.ConfigError) as err:
+        load(on + 'shared_path = nfs\n[http]\nupload_path = /var/tmp/up\n')
+    assert 'app.ini [http] upload_path: in cluster mode it must lie in %s' % (tmp_path / 'nfs' / 'uploads') in \
+        err.value.problems[0]
+    # Single-node mode: as before.
+    assert load('[http]\nupload_path = /var/tmp/up\n')['http']['upload_path'] == '/var/tmp/up'
+
+
 def test_single_node_mode_loads_no_broker_client(daemon):
     code = ('import sys; sys.path.insert(0, %r); import _master, _status\n'
             'print("pika" in sys.modules, "_cluster_thread" in sys.modules)' % ROOT)
