@@ -754,6 +754,16 @@ def test_an_http_task_admitted_on_one_node_runs_on_another(node, shared, dbname,
     assert (task['startTime'], task['endTime']) == (recs[0]['startTime'], recs[0]['endTime'])
     assert task['timings'] and len(task['timings']) == len(recs[0]['processInterval'])
     assert shared_records(shared, 'ha') == [] and len(shared_records(shared, 'hb')) == 1
+    # Taken and run by the same node: its web hears of the end once (from the record, not the reply too).
+    resp = post_wav(b, 'web2')
+    assert resp.status_code == 200 and resp.json()['text'] == '안녕하세요 고객님, web2 통화입니다', resp.text
+    wait_for(lambda: os.listdir(b.uploads) == [], 10, 'the upload removed')
+    crow = wait_for(lambda: (lambda r: r if r['state'] == 'final' else None)(cluster_rows(dbname)['web2']), 10,
+                    'the final cluster row')
+    assert (crow['origin_node'], crow['run_node']) == ('hb', 'hb')
+    wait_for(lambda: monitor(b, 'cluster')['cluster']['waiting'] == 0, 10, 'the reply of web2')
+    listed = requests.get(b.url + '/v1/tasks', timeout=10).json()['tasks']
+    assert [t['speechID'] for t in listed].count('web2') == 1, listed
     eng.close()
 
 
