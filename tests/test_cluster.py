@@ -802,3 +802,19 @@ def test_http_tasks_refused_or_unanswered_by_the_cluster_get_their_http_status(n
         assert resp.status_code == 504, resp.text
         assert resp.json()['error']['code'] == '5'
         wait_for(lambda: os.listdir(a.uploads) == [], 10, 'the uploads removed')
+
+
+def test_http_tasks_through_haproxy_end_once_each_through_the_queue(make_cluster):
+    c = make_cluster(n=2, engine='remote', http=True)
+    for n in c.nodes:
+        c.haproxy.wait_state(n.name, 'UP', backend='http_nodes')
+    sids = ['hp%d' % i for i in range(4)]
+    for sid in sids:
+        with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+            resp = requests.post('http://127.0.0.1:%d/v1/audio/transcriptions' % c.haproxy.http_port,
+                                 data={'speechID': sid}, files={'file': ('a.wav', f, 'audio/wav')}, timeout=60)
+        assert resp.status_code == 200 and resp.json()['text'] == '안녕하세요 고객님, %s 통화입니다' % sid, resp.text
+    c.wait_exactly_once(sids, timeout=60)
+    assert sorted(c.cluster_rows()) == sids       # each went through the cluster's queue
+    wait_for(lambda: all(os.listdir(os.path.join(c.shared, 'uploads', n.name)) == [] for n in c.nodes), 10,
+             'the uploads removed')
