@@ -807,7 +807,9 @@ def test_http_tasks_refused_or_unanswered_by_the_cluster_get_their_http_status(n
 def test_http_tasks_through_haproxy_end_once_each_through_the_queue(make_cluster):
     c = make_cluster(n=2, engine='remote', http=True)
     for n in c.nodes:
-        c.haproxy.wait_state(n.name, 'UP', backend='http_nodes')
+        # HAProxy counts a server up until its checks fail: the web processes themselves are asked.
+        n.url = 'http://127.0.0.1:%d' % n.http_port
+        wait_for(lambda: web_up(n), 30, '%s web process' % n.name)
     sids = ['hp%d' % i for i in range(4)]
     for sid in sids:
         with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
