@@ -15,7 +15,7 @@ import _packet
 from _jobs import Outcome
 from _loop import drain, wake_pair
 from _packet import RequestError, Type
-from _records import FINAL
+from _records import FINAL, TaskRecord, stamp
 from _states import Result, Source, State
 from _tasks import Refused
 
@@ -30,17 +30,42 @@ class Waiting:
     source: Source
     conn: object
     deadline: float
+    created: float = 0.0          # wall clock, for the task lists and an HTTP task's records line
     published: bool = False
+
+    @property
+    def speech_id(self):
+        return self.request['speechID']
+
+
+def answer_line(wait, body):
+    """A records line made of a 2002 answer, for a task whose runner's record did not come back."""
+    req = wait.request
+    try:
+        result = Result(str(body.get('result')))
+        state = State(body.get('state') or State.NONE.value)
+    except ValueError:
+        result, state = Result.ERROR, State.NONE
+    return TaskRecord(
+        speech_id=req['speechID'], source=wait.source, state=state, result=result, created=wait.created,
+        ended=time.time(), marks=[], request={k: v for k, v in req.items() if k != 'speechID'},
+        transcript=body.get('transcript') or '', message=body.get('message') or None,
+        channels=list(body.get('channels') or ()), duration=body.get('duration'), audio_wav=body.get('audioWAV'),
+        audio_mp3=body.get('audioMP3'), segments=body.get('segments'), confidence=body.get('confidence')).to_line()
 
 
 class Cluster:
     """`admit(req, source, conn, keep_source, file_path)` is the task table's way out for new
     tasks; `answered(task, body)` takes the answer of a task run here for another node; as a
-    reporter sink it hands that answer on once the task's record is written (the last sink)."""
+    reporter sink it hands that answer on once the task's record is written (the last sink).
+    `web` (a WebLink) is told the records line of an HTTP task admitted here, wherever it ran."""
 
-    def __init__(self, loop, cfg, tasks, capacity, conns, scanner):
+    def __init__(self, loop, cfg, tasks, capacity, conns, scanner, web=None):
         self.loop, self.cfg, self.tasks = loop, cfg, tasks
-        self.capacity, self.conns, self.scanner = capacity, conns, scanner
+        self.capacity, self.conns, self.scanner, self.web = capacity, conns, scanner, web
+        # HTTP tasks admitted and run here: the web process had their records line from the
+        # WebLink sink already, so their reply from the queue tells it nothing more.
+        self.told = set()
         self.node = _db.node_name(cfg)
         self.token = uuid.uuid4().hex              # this life of the node
         self.waiting = {}                           # speechID -> Waiting (this node holds the client)
@@ -87,7 +112,7 @@ class Cluster:
             self.tasks.make_job(req, keep_source, file_path)       # paths checked here, as for a local task
         except RequestError as exc:
             raise Refused(Result.BAD_REQUEST, exc.message) from None
-        wait = Waiting(uuid.uuid4().hex, req, source, conn, time.monotonic() + self.tasks.timeout)
+        wait = Waiting(uuid.uuid4().hex, req, source, conn, time.monotonic() + self.tasks.timeout, time.time())
         self.waiting[sid] = wait
         if conn is not None:
             conn.tasks.add(sid)
@@ -98,7 +123,7 @@ class Cluster:
                                     'reply': self.thread.names['reply'], 'created': time.time()}))
         log.info('master: speechID=%s accepted from %s for the cluster', sid,
                  conn.name if conn is not None else source)
-        return None
+        return wait
 
     def _published(self, sid, token):
         wait = self.waiting.get(sid)
@@ -120,19 +145,23 @@ class Cluster:
         result = Result.UNAVAILABLE if wait.source == Source.SCANNER else Result.ALREADY_CONNECTED
         self.reject(wait, result, 'speechID %s is already in progress in the cluster' % sid)
 
-    def _answer(self, sid, token, body):
+    def _answer(self, sid, token, body, record=None):
         wait = self.waiting.get(sid)
         if wait is None or wait.token != token:
             return      # answered already (a redelivered task's second answer), or timed out
         self._drop(sid, wait)
         self.counters['answered'] += 1
-        self.reply(wait, body)
+        self.reply(wait, body, record)
 
-    def reply(self, wait, body):
+    def reply(self, wait, body, record=None):
+        """Hand the answer of a task admitted here to whoever waits for it; `record`: the runner's
+        record (a dict) of an HTTP task, when it came with the answer."""
         sid = wait.request['speechID']
         if wait.source == Source.SCANNER:
             # Its record is written (by whichever node ran it): the scanner may move the file out.
             self.scanner.tell((sid, body.get('result'), body.get('state'), body.get('message') or ''))
+        elif wait.source == Source.HTTP:
+            self.tell_web(wait, body, record)
         elif wait.conn is not None and not wait.conn.closed:
             wait.conn.tasks.discard(sid)
             self.conns.send(wait.conn, Type.TRANSCRIBE_RESP, body)
@@ -142,15 +171,44 @@ class Cluster:
         log.warning('master: speechID=%s: %s: %s', sid, result.value, message)
         if wait.source == Source.SCANNER:
             self.scanner.refused(sid, result, message)
+        elif wait.source == Source.HTTP:
+            self.tell_web(wait, _packet.error_body(wait.request, result, State.NONE, message))
         elif wait.conn is not None and not wait.conn.closed:
             wait.conn.tasks.discard(sid)
             self.conns.send(wait.conn, Type.TRANSCRIBE_RESP, _packet.error_body(wait.request, result, State.NONE,
                                                                                 message))
 
+    def tell_web(self, wait, body, record=None):
+        """The web process waits for an HTTP task's records line (its answer, and the sign that its
+        upload may go): the runner's record when it came with the answer, else one made of the
+        answer (a timeout, a refusal, an answer stored in the task's row)."""
+        sid = wait.request['speechID']
+        if sid in self.told:
+            self.told.discard(sid)
+            return
+        if self.web is None:
+            return
+        line = None
+        if record is not None:
+            try:
+                line = TaskRecord.from_dict(record).to_line()
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error('master: speechID=%s: the runner\'s record is unreadable (%s); answering from its 2002',
+                          sid, exc)
+        self.web.post(line or answer_line(wait, body))
+
     def _drop(self, sid, wait):
         del self.waiting[sid]
         if not wait.published:
             self.unpublished -= 1
+
+    def task_rows(self, exclude=()):
+        """The web's rows of tasks admitted here that wait for the cluster (queued, or running on
+        some node); `exclude`: speechIDs the task table lists already (run here)."""
+        return [{'speechID': sid, 'state': State.INIT.value, 'source': w.source.value, 'startTime': stamp(w.created),
+                 'created': w.created, 'worker': None, 'fileID': w.request.get('fileID'),
+                 'filePath': w.request.get('filePath')}
+                for sid, w in self.waiting.items() if sid not in exclude]
 
     # ------------------------------------------------------------ runner: tasks of the queue run here
 
@@ -189,6 +247,8 @@ class Cluster:
     def _ended(self, sid, body, record):
         run = self.runs.pop(sid, None)
         if run is not None:
+            if run[0].get('origin') == self.node and sid in self.waiting and self.waiting[sid].source == Source.HTTP:
+                self.told.add(sid)
             self.thread.put(('finish', run[0], run[1], body, record))
 
     def stopped(self, task):

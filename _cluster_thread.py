@@ -177,6 +177,15 @@ def _nothing():
     pass
 
 
+def reply_body(msg, answer, record=None):
+    """The reply to the node holding the client; an HTTP task's carries the runner's record (a dict,
+    or None), which the origin's web process answers with as with a local task's."""
+    body = {'speechID': msg['speechID'], 'token': msg['token'], 'answer': answer}
+    if record is not None and msg.get('source') == 'http':
+        body['record'] = record
+    return body
+
+
 def queue_names(base, node):
     return {'tasks': base, 'dead': base + '.dead', 'reply': '%s.reply.%s' % (base, node)}
 
@@ -273,7 +282,7 @@ class Connections:
 
 class ClusterThread(Connections, threading.Thread):
     """`put(command)` from any thread; `post(event)` (given) hands events to the master's loop:
-    ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body),
+    ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body, record),
     ('refused', sid, token, result, message), ('published', sid, token), ('view', dict)."""
 
     def __init__(self, cfg, node, token, post, waiting):
@@ -592,13 +601,13 @@ class ClusterThread(Connections, threading.Thread):
         # The runner's clock wrote startTime: a minute of skew is allowed.
         return recorded_answer(folder, msg, float(msg.get('created') or 0) - 60)
 
-    def reply(self, msg, answer, then=None):
+    def reply(self, msg, answer, then=None, record=None):
         """The answer to the node holding the client; then() once it is safe (confirmed)."""
         if answer is None:
             if then is not None:
                 then()
             return True
-        body = {'speechID': msg['speechID'], 'token': msg['token'], 'answer': answer}
+        body = reply_body(msg, answer, record)
         if msg['reply'] == self.names['reply']:
             # This node holds the client: the answer goes to the loop as its own reply queue would
             # bring it, without a broker round trip (its token still says which admission it answers).
@@ -606,10 +615,10 @@ class ClusterThread(Connections, threading.Thread):
             if then is not None:
                 then()
             return True
-        return self.publish(msg['reply'], body, then, lambda: self.later.append(('reply', msg, answer, then)))
+        return self.publish(msg['reply'], body, then, lambda: self.later.append(('reply', msg, answer, then, record)))
 
     def on_reply_body(self, msg):
-        self.post(('answer', msg['speechID'], msg['token'], msg['answer']))
+        self.post(('answer', msg['speechID'], msg['token'], msg['answer'], msg.get('record')))
 
     def ack(self, handle, requeue=None):
         self.running.discard(handle)
@@ -643,7 +652,7 @@ class ClusterThread(Connections, threading.Thread):
         def replied():
             self.replied += 1
             self.ack(handle)
-        return self.reply(msg, answer, replied)
+        return self.reply(msg, answer, replied, record)
 
     def unrun(self, msg, handle):
         if not self.with_db(cdb.unrun, msg['speechID'], msg['token'], self.token):

@@ -214,7 +214,8 @@ tokens = string_list(default=list())
 # Name of an environment variable holding more tokens (comma-separated); used when present.
 token_env = string(default='')
 # Folder of uploads while their task runs (tasks may read it even when it is not inside
-# allowed_roots); outside audio_source_path.
+# allowed_roots); outside audio_source_path. Cluster mode: <shared_path>/uploads/<node>/ unless set
+# inside <shared_path>/uploads/ (_cluster_uploads).
 upload_path = path(default='uploads')
 # Keep an upload after its task instead of removing it.
 keep_uploads = boolean(default=False)
@@ -246,7 +247,8 @@ node_dead_secs = float(min=1, max=3600, default=15)
 heartbeat_secs = float(min=0.1, max=600, default=2)
 # Runs of one task (each cut short by the death of its node) before it ends with result 9.
 delivery_limit = integer(min=1, max=100, default=2)
-# Storage every node mounts (NFS): a node's records then go to <shared_path>/records/<node>/.
+# Storage every node mounts (NFS): a node's records then go to <shared_path>/records/<node>/,
+# its uploads to <shared_path>/uploads/<node>/ (needed with [http] enabled).
 shared_path = string(default='')
 """
 # The engine types are the registry's keys (_engine.ENGINES), so adding a type is one line there.
@@ -537,8 +539,8 @@ def load(path: str) -> configobj.ConfigObj:
         roots = (directory['audio_source_path'], directory['audio_target_path'],
                  cfg['task']['error_backup_path'])
         directory['allowed_roots'] = list(dict.fromkeys(os.path.realpath(root) for root in roots))
-    _check_http(name, cfg)
     _check_cluster(name, cfg, os.path.dirname(path))
+    _check_http(name, cfg)
     db = cfg['db']
     if db['password_env'] and db['password_env'] in os.environ:
         db['password'] = os.environ[db['password_env']]
@@ -585,6 +587,29 @@ def _check_cluster(name: str, cfg: configobj.ConfigObj, base: str) -> None:
     if cluster['enabled'] and cluster['node_dead_secs'] <= 2 * cluster['heartbeat_secs']:
         raise ConfigError([f'{name} [cluster] node_dead_secs: must be more than twice heartbeat_secs'
                            ' (a live node would be taken for dead)'])
+    if cluster['enabled'] and cfg['http']['enabled']:
+        _cluster_uploads(name, cfg, base)
+
+
+def _cluster_uploads(name: str, cfg: configobj.ConfigObj, base: str) -> None:
+    """Cluster mode's uploads: an HTTP task runs on whichever node takes it, which reads the upload,
+    so uploads live under <shared_path>/uploads/ (by default <shared_path>/uploads/<node>/: a web
+    process removes at its start the uploads of its folder that no task of its node waits for)."""
+    shared = cfg['cluster']['shared_path']
+    if not shared:
+        raise ConfigError([f'{name} [cluster] shared_path: cluster mode with [http] enabled needs it: an'
+                           ' upload is read by the node that runs its task, so uploads live on the shared'
+                           ' storage (or set [http] enabled = false)'])
+    uploads = os.path.join(shared, 'uploads')
+    http = cfg['http']
+    # The shipped app.ini's `upload_path = uploads` counts as unset: an operator who turns cluster
+    # mode on expects the uploads to follow the shared storage.
+    if 'upload_path' in http.defaults or http['upload_path'] == os.path.join(base, 'uploads'):
+        http['upload_path'] = os.path.join(uploads, node_name(cfg))
+    elif not inside(os.path.realpath(http['upload_path']), [os.path.realpath(uploads)]):
+        raise ConfigError([f'{name} [http] upload_path: in cluster mode it must lie in {uploads}'
+                           ' (<[cluster] shared_path>/uploads/), where every node can read it; leave it'
+                           ' unset for <shared_path>/uploads/<node>/'])
 
 
 def node_name(cfg: configobj.ConfigObj) -> str:
@@ -604,10 +629,13 @@ def records_dir(cfg: configobj.ConfigObj) -> str:
 
 def task_roots(cfg: configobj.ConfigObj) -> list:
     """The folders a task's paths may resolve into: [directory] allowed_roots, plus [http]
-    upload_path when the web process is on (it names every file there itself)."""
+    upload_path when the web process is on (it names every file there itself); in cluster mode
+    <shared_path>/uploads/, where every node's web process keeps its uploads."""
     roots = [os.path.realpath(r) for r in cfg['directory']['allowed_roots']]
     if cfg['http']['enabled']:
-        upload = os.path.realpath(cfg['http']['upload_path'])
+        c = cfg['cluster']
+        upload = os.path.realpath(os.path.join(c['shared_path'], 'uploads') if c['enabled'] and c['shared_path']
+                                  else cfg['http']['upload_path'])
         if not inside(upload, roots):
             roots.append(upload)
     return roots

@@ -91,7 +91,8 @@ class Master:
         # Last sinks: the scanner, and the cluster's answer, only once every trace of a task is made.
         self.reporter.sinks.append(self.scanner)
         if self.cfg['cluster']['enabled']:
-            self.cluster = _cluster.Cluster(self.loop, self.cfg, self.tasks, self.capacity, self.conns, self.scanner)
+            self.cluster = _cluster.Cluster(self.loop, self.cfg, self.tasks, self.capacity, self.conns, self.scanner,
+                                           self.web)
             self.tasks.forward = self.cluster.admit
             self.reporter.sinks.append(self.cluster)
             self.cluster.start()

@@ -106,13 +106,16 @@ class Metrics:
             }
 
 
-def task_rows(tasks, pool):
-    """The tasks in progress, with the worker holding each."""
+def task_rows(tasks, pool, cluster=None):
+    """The tasks in progress, with the worker holding each; in cluster mode also those admitted
+    here that wait for the cluster (the web keeps their uploads)."""
     rows = []
     for t in tasks.values():
         rows.append({'speechID': t.speech_id, 'state': t.state.value, 'source': t.source.value,
                      'startTime': stamp(t.created), 'created': t.created, 'worker': t.worker,
                      'fileID': t.request.get('fileID'), 'filePath': t.request.get('filePath')})
+    if cluster is not None:
+        rows += cluster.task_rows(exclude=tasks)
     return rows
 
 
@@ -133,7 +136,8 @@ def snapshot(master, metrics, tasks=True):
         'workers': workers, 'workerProcesses': pool.size, 'workerRestarts': pool.restarts,
         'queue': {'pending': pending, 'running': len(table) - pending, 'maxTasks': table.max_tasks,
                   'records': master.reporter.depth()},
-        'tasks': task_rows(table, pool) if tasks else None, 'counters': dict(master.counters), 'metrics': metrics.export(),
+        'tasks': task_rows(table, pool, master.cluster) if tasks else None, 'counters': dict(master.counters),
+        'metrics': metrics.export(),
         'outbox': master.webhook.status() if master.webhook else {'enabled': False},
         'db': master.db.stats() if master.db else {'enabled': False},
         'scanner': master.scanner.describe(), 'records': master.reporter.status(),

@@ -159,7 +159,7 @@ class TaskTable:
             sid = req['speechID'] = _packet.new_speech_id()
         if sid in self.tasks:
             raise Refused(Result.ALREADY_CONNECTED, 'speechID %s is already in progress' % sid)
-        if self.forward is not None and origin is None and source != Source.HTTP:
+        if self.forward is not None and origin is None:
             return self.forward(req, source, conn, keep_source, file_path)
         if not self.engine_up():
             raise Refused(Result.UNAVAILABLE, 'no engine is available')

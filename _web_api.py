@@ -82,6 +82,9 @@ def failure(line):
         return HTTPError(400, message, code=result, headers=sid)
     if result == Result.NOT_FOUND.value:
         return HTTPError(404, message, code=result, headers=sid)
+    if result == Result.ALREADY_CONNECTED.value:
+        # Cluster mode: admitted here, then refused because the speechID runs on another node.
+        return HTTPError(409, message, code=result, headers=sid)
     if result == Result.TIMEOUT.value:
         return HTTPError(504, message, 'server_error', result, sid)
     if result == Result.UNAVAILABLE.value:

@@ -69,6 +69,8 @@ class WebLink(ChildLink):
 
 
 def admit_http(tasks):
-    """The admission the web's requests go through: the same as a client's, source http; the
-    worker leaves the upload alone (the web process removes it after the record)."""
+    """The admission the web's requests go through: the same as a client's, source http (in
+    cluster mode through the cluster's queue: the answer is then a cluster Waiting, with its
+    speech_id too, and the records line comes from Cluster.tell_web); the worker leaves the upload
+    alone (the web process removes it after the record)."""
     return lambda req: tasks.admit(req, Source.HTTP, keep_source=True)

@@ -91,6 +91,9 @@ class Node(Daemon):
                 ('server', 'server_seq', str(self.index + 1)),
                 ('setting', 'log_level', self.opts.get('log_level', 'debug'))):
             text = ini_set(text, section, key, value)
+        if c.cluster_mode and '[http]' in text:
+            # Cluster mode reads an upload on whichever node runs its task: on the shared storage.
+            text = ini_set(text, 'http', 'upload_path', os.path.join(c.shared, 'uploads', self.name))
         text += db_section(c.dbname, node=self.name)
         if c.webhook_url:
             text += ('\n[webhook]\nurl = %s\nbackoff_base_secs = 0.05\nbackoff_max_secs = 0.5\n'

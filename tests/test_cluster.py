@@ -1,6 +1,8 @@
 """Cluster mode ([cluster] enabled) against real RabbitMQ (127.0.0.1:5672) and real MariaDB:
 real daemons, each test with its own queue name and its own database."""
 import collections
+import concurrent.futures
+import glob
 import json
 import os
 import shutil
@@ -11,12 +13,14 @@ import uuid
 
 import pika
 import pytest
+import requests
 
 import _config
 from cluster import sigkill as kill
 from conftest import FIXTURES, ROOT, transcribe_req, wait_for
 from helpers import Closing, Proxy, Receiver, db_section, monitor, query
 from legacy_engine import LegacyEngine
+from test_web import web_process
 
 BROKER = 'amqp://guest:guest@127.0.0.1:5672/%2F'
 
@@ -119,6 +123,33 @@ def test_cluster_needs_the_database_and_checks_its_keys(tmp_path):
     ini.write_text(on + 'shared_path = nfs\n')
     cfg = _config.load(str(ini))
     assert cfg['cluster']['shared_path'] == str(tmp_path / 'nfs') and cfg['cluster']['delivery_limit'] == 2
+
+
+def test_cluster_mode_keeps_uploads_on_the_shared_storage(tmp_path):
+    ini = tmp_path / 'app.ini'
+    on = '[db]\nenabled = true\nnode = n7\n[cluster]\nenabled = true\n'
+
+    def load(text):
+        ini.write_text(text)
+        return _config.load(str(ini))
+
+    with pytest.raises(_config.ConfigError) as err:
+        load(on)
+    assert 'app.ini [cluster] shared_path: cluster mode with [http] enabled needs it' in err.value.problems[0]
+    assert load(on + '[http]\nenabled = false\n')['cluster']['enabled']
+    # Unset, or the shipped app.ini's `uploads`: <shared_path>/uploads/<node>/, which every node may read.
+    for http in ('', '[http]\nupload_path = uploads\n'):
+        cfg = load(on + 'shared_path = nfs\n' + http)
+        assert cfg['http']['upload_path'] == str(tmp_path / 'nfs' / 'uploads' / 'n7')
+        assert str(tmp_path / 'nfs' / 'uploads') in _config.task_roots(cfg)
+    assert load(on + 'shared_path = nfs\n[http]\nupload_path = nfs/uploads/mine\n')['http']['upload_path'] == \
+        str(tmp_path / 'nfs' / 'uploads' / 'mine')
+    with pytest.raises(_config.ConfigError) as err:
+        load(on + 'shared_path = nfs\n[http]\nupload_path = /var/tmp/up\n')
+    assert 'app.ini [http] upload_path: in cluster mode it must lie in %s' % (tmp_path / 'nfs' / 'uploads') in \
+        err.value.problems[0]
+    # Single-node mode: as before.
+    assert load('[http]\nupload_path = /var/tmp/up\n')['http']['upload_path'] == '/var/tmp/up'
 
 
 def test_single_node_mode_loads_no_broker_client(daemon):
@@ -652,3 +683,140 @@ def test_a_task_entered_by_a_node_that_died_before_publishing_it_still_runs_once
     time.sleep(2)       # swept once: not published again
     assert len(a.records()) == 1 and len(eng.received) == 1
     eng.close()
+
+
+# ---------------------------------------------------------------- HTTP tasks through the queue
+
+def http_node(node, shared, name, **opts):
+    """A remote-engine node with its web process on and [http] upload_path unset: cluster mode puts
+    the uploads at <shared_path>/uploads/<node>/, where the node that runs the task reads them."""
+    opts.setdefault('engine', 'remote')
+    opts.setdefault('workers', 1)
+    d = node(name, start=False, http='true', ini_extra='shared_path = %s\n' % shared, **opts)
+    with open(d.ini, encoding='utf-8') as f:
+        text = f.read()
+    with open(d.ini, 'w', encoding='utf-8') as f:
+        f.write(text.replace('upload_path = data/uploads\n', ''))
+    d.cli('db', 'init', check=True)
+    d.start()
+    d.url = 'http://127.0.0.1:%d' % d.http_port
+    d.uploads = os.path.join(shared, 'uploads', name)
+    wait_for(lambda: web_up(d), 30, '%s web process' % name)
+    return d
+
+
+def shared_records(shared, name):
+    """The record lines node `name` wrote to <shared_path>/records/<name>/."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(shared, 'records', name, '*.json'))):
+        with open(path, encoding='utf-8') as f:
+            out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def web_up(d):
+    try:
+        return requests.get(d.url + '/healthz', timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def post_wav(d, sid, timeout=90):
+    with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+        return requests.post(d.url + '/v1/audio/transcriptions', data={'speechID': sid, 'response_format': 'json'},
+                             files={'file': ('hello.wav', f, 'audio/wav')}, timeout=timeout)
+
+
+def test_an_http_task_admitted_on_one_node_runs_on_another(node, shared, dbname, qname):
+    a, b = http_node(node, shared, 'ha'), http_node(node, shared, 'hb')
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # No node has an engine yet: the task waits in the queue, and the web lists it as running.
+        posted = pool.submit(post_wav, a, 'web1')
+        wait_for(lambda: cluster_rows(dbname).get('web1'), 30, 'the cluster row')
+        listed = requests.get(a.url + '/v1/tasks', timeout=10).json()['tasks']
+        assert [t['speechID'] for t in listed] == ['web1'] and not listed[0]['done'], listed
+        assert len(os.listdir(a.uploads)) == 1
+        eng = LegacyEngine(b.port)          # only node hb can run it
+        assert eng.start() == '0'
+        resp = posted.result(90)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers['X-Speech-ID'] == 'web1' and resp.json()['text'] == '안녕하세요 고객님, web1 통화입니다'
+    assert [r['speechID'] for r in eng.received] == ['web1']
+    recs = wait_for(lambda: shared_records(shared, 'hb'), 30, 'the record of hb')
+    assert [(r['data']['speechID'], r['source']) for r in recs] == [('web1', 'http')]
+    crow = cluster_rows(dbname)['web1']
+    assert (crow['origin_node'], crow['run_node'], crow['state']) == ('ha', 'hb', 'final')
+    # The origin's web removes the upload once the runner's records line came back; it shows the task.
+    wait_for(lambda: os.listdir(a.uploads) == [], 10, 'the upload removed')
+    task = requests.get(a.url + '/v1/tasks/web1', timeout=10).json()
+    assert task['done'] and task['result'] == '0' and task['transcript'] == '안녕하세요 고객님, web1 통화입니다'
+    # It is the runner's records line, timings and all, not one made up of the 2002 answer.
+    assert (task['startTime'], task['endTime']) == (recs[0]['startTime'], recs[0]['endTime'])
+    assert task['timings'] and len(task['timings']) == len(recs[0]['processInterval'])
+    assert shared_records(shared, 'ha') == [] and len(shared_records(shared, 'hb')) == 1
+    # Taken and run by the same node: its web hears of the end once (from the record, not the reply too).
+    resp = post_wav(b, 'web2')
+    assert resp.status_code == 200 and resp.json()['text'] == '안녕하세요 고객님, web2 통화입니다', resp.text
+    wait_for(lambda: os.listdir(b.uploads) == [], 10, 'the upload removed')
+    crow = wait_for(lambda: (lambda r: r if r['state'] == 'final' else None)(cluster_rows(dbname)['web2']), 10,
+                    'the final cluster row')
+    assert (crow['origin_node'], crow['run_node']) == ('hb', 'hb')
+    wait_for(lambda: monitor(b, 'cluster')['cluster']['waiting'] == 0, 10, 'the reply of web2')
+    listed = requests.get(b.url + '/v1/tasks', timeout=10).json()['tasks']
+    assert [t['speechID'] for t in listed].count('web2') == 1, listed
+    eng.close()
+
+
+def test_a_restarted_web_process_keeps_the_upload_of_a_task_waiting_for_the_cluster(node, shared, dbname, qname):
+    a, b = http_node(node, shared, 'wa'), http_node(node, shared, 'wb')
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        posted = pool.submit(post_wav, a, 'kept1')
+        wait_for(lambda: cluster_rows(dbname).get('kept1'), 30, 'the cluster row')
+        old = web_process(a)
+        old.kill()
+        with pytest.raises(requests.RequestException):
+            posted.result(30)
+    wait_for(lambda: web_process(a) is not None and web_process(a).pid != old.pid and web_up(a), 30,
+             'a new web process')
+    assert len(os.listdir(a.uploads)) == 1          # its task waits in the queue: kept
+    eng = LegacyEngine(b.port)
+    assert eng.start() == '0'
+    recs = wait_for(lambda: shared_records(shared, 'wb'), 30, 'the record of wb')
+    assert recs[0]['data']['speechID'] == 'kept1' and recs[0]['data']['result'] == '0'
+    wait_for(lambda: os.listdir(a.uploads) == [], 15, 'the upload removed once the task ended')
+    eng.close()
+
+
+def test_http_tasks_refused_or_unanswered_by_the_cluster_get_their_http_status(node, shared, dbname, qname):
+    a, b = http_node(node, shared, 'ra', timeout=2, graceful=2), http_node(node, shared, 'rb', graceful=2)
+    # The speechID waits in the queue, admitted by the other node: refused across the cluster.
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(b.client()) as cb:
+        cb.send(1002, transcribe_req(folder, name, sid='dup1'))
+        wait_for(lambda: cluster_rows(dbname).get('dup1'), 30, 'the cluster row')
+        resp = post_wav(a, 'dup1')
+        assert resp.status_code == 409, resp.text
+        assert resp.json()['error']['code'] == '1' and 'in progress in the cluster' in resp.json()['error']['message']
+        # No engine anywhere: no answer within session_timeout_secs.
+        resp = post_wav(a, 'late1')
+        assert resp.status_code == 504, resp.text
+        assert resp.json()['error']['code'] == '5'
+        wait_for(lambda: os.listdir(a.uploads) == [], 10, 'the uploads removed')
+
+
+def test_http_tasks_through_haproxy_end_once_each_through_the_queue(make_cluster):
+    c = make_cluster(n=2, engine='remote', http=True)
+    for n in c.nodes:
+        # HAProxy counts a server up until its checks fail: the web processes themselves are asked.
+        n.url = 'http://127.0.0.1:%d' % n.http_port
+        wait_for(lambda: web_up(n), 30, '%s web process' % n.name)
+    sids = ['hp%d' % i for i in range(4)]
+    for sid in sids:
+        with open(os.path.join(FIXTURES, 'en_hello.wav'), 'rb') as f:
+            resp = requests.post('http://127.0.0.1:%d/v1/audio/transcriptions' % c.haproxy.http_port,
+                                 data={'speechID': sid}, files={'file': ('a.wav', f, 'audio/wav')}, timeout=60)
+        assert resp.status_code == 200 and resp.json()['text'] == '안녕하세요 고객님, %s 통화입니다' % sid, resp.text
+    c.wait_exactly_once(sids, timeout=60)
+    assert sorted(c.cluster_rows()) == sids       # each went through the cluster's queue
+    wait_for(lambda: all(os.listdir(os.path.join(c.shared, 'uploads', n.name)) == [] for n in c.nodes), 10,
+             'the uploads removed')
