@@ -204,7 +204,8 @@ def declare(channel, names, delivery_limit, passive=False):
 
 
 class Connections:
-    """The cluster thread's two connections, each made again with backoff when it is lost."""
+    """The cluster thread's two connections, each made again with backoff when it is lost, and
+    what goes over the broker's: the consumers' prefetch, publishes, acknowledgements."""
 
     def connect_db(self):
         try:
@@ -278,6 +279,58 @@ class Connections:
             publisher, self.publisher = self.publisher, None
             publisher.fail_all()
         self.broker_next = time.monotonic() + self.broker_backoff.next()
+
+    def apply_capacity(self):
+        """Prefetch = what this node can run; none at all (prefetch 0 would mean no limit): no consumer."""
+        if self.channel is None or self.capacity == self.consuming:
+            return
+        try:
+            # A prefetch applies to consumers made after it: new ones take the new capacity.
+            for tag in self.consumers:
+                self.channel.basic_cancel(tag)
+            self.consumers = ()
+            if self.capacity > 0:
+                self.channel.basic_qos(prefetch_count=self.capacity)
+                # Dead letters (a task the broker saw return too often) are decided like any task:
+                # by its attempts in cluster_task, so the two counts cannot disagree.
+                self.consumers = (self.channel.basic_consume(self.names['tasks'], self.on_task),
+                                  self.channel.basic_consume(self.names['dead'],
+                                                             lambda *a: self.on_task(*a, dead=True)))
+        except BROKER_ERRORS as exc:
+            self.drop_broker(exc)
+            return
+        self.consuming = self.capacity
+
+    def publish(self, queue_name, msg, on_ok=None, on_fail=None):
+        """Send msg; on_ok once the broker confirmed it, on_fail if it never will (by default it is
+        published again). False (nothing sent) while the broker is down."""
+        if self.publisher is None:
+            return False
+        if on_fail is None:
+            on_fail = lambda: self.later.append(('publish', queue_name, msg, on_ok))  # noqa: E731
+
+        def ok():
+            self.published += 1
+            if on_ok is not None:
+                on_ok()
+        try:
+            self.publisher.publish(queue_name, json.dumps(msg, ensure_ascii=False).encode('utf-8'), ok, on_fail)
+        except BROKER_ERRORS as exc:
+            self.drop_broker(exc)
+            return False
+        return True
+
+    def ack(self, handle, requeue=None):
+        self.running.discard(handle)
+        if self.channel is None or handle[0] != self.gen:
+            return      # that delivery went back to the queue with its connection; its next taker sees the row
+        try:
+            if requeue is None:
+                self.channel.basic_ack(handle[1])
+            else:
+                self.channel.basic_nack(handle[1], requeue=requeue)
+        except BROKER_ERRORS as exc:
+            self.drop_broker(exc)
 
 
 class ClusterThread(Connections, threading.Thread):
@@ -432,27 +485,6 @@ class ClusterThread(Connections, threading.Thread):
         for msg, fast in zip(takes, taken):
             msg['fast'] = fast
 
-    def apply_capacity(self):
-        """Prefetch = what this node can run; none at all (prefetch 0 would mean no limit): no consumer."""
-        if self.channel is None or self.capacity == self.consuming:
-            return
-        try:
-            # A prefetch applies to consumers made after it: new ones take the new capacity.
-            for tag in self.consumers:
-                self.channel.basic_cancel(tag)
-            self.consumers = ()
-            if self.capacity > 0:
-                self.channel.basic_qos(prefetch_count=self.capacity)
-                # Dead letters (a task the broker saw return too often) are decided like any task:
-                # by its attempts in cluster_task, so the two counts cannot disagree.
-                self.consumers = (self.channel.basic_consume(self.names['tasks'], self.on_task),
-                                  self.channel.basic_consume(self.names['dead'],
-                                                             lambda *a: self.on_task(*a, dead=True)))
-        except BROKER_ERRORS as exc:
-            self.drop_broker(exc)
-            return
-        self.consuming = self.capacity
-
     # ------------------------------------------------------------ origin: publish, answers
 
     def submit(self, msg):
@@ -500,25 +532,6 @@ class ClusterThread(Connections, threading.Thread):
                 self.publish(self.names['tasks'], json.loads(message))
             except ValueError as exc:
                 log.error('cluster: speechID=%s: unreadable message (%s)', sid, exc)
-
-    def publish(self, queue_name, msg, on_ok=None, on_fail=None):
-        """Send msg; on_ok once the broker confirmed it, on_fail if it never will (by default it is
-        published again). False (nothing sent) while the broker is down."""
-        if self.publisher is None:
-            return False
-        if on_fail is None:
-            on_fail = lambda: self.later.append(('publish', queue_name, msg, on_ok))  # noqa: E731
-
-        def ok():
-            self.published += 1
-            if on_ok is not None:
-                on_ok()
-        try:
-            self.publisher.publish(queue_name, json.dumps(msg, ensure_ascii=False).encode('utf-8'), ok, on_fail)
-        except BROKER_ERRORS as exc:
-            self.drop_broker(exc)
-            return False
-        return True
 
     def on_reply(self, channel, method, props, body):
         try:
@@ -619,18 +632,6 @@ class ClusterThread(Connections, threading.Thread):
 
     def on_reply_body(self, msg):
         self.post(('answer', msg['speechID'], msg['token'], msg['answer'], msg.get('record')))
-
-    def ack(self, handle, requeue=None):
-        self.running.discard(handle)
-        if self.channel is None or handle[0] != self.gen:
-            return      # that delivery went back to the queue with its connection; its next taker sees the row
-        try:
-            if requeue is None:
-                self.channel.basic_ack(handle[1])
-            else:
-                self.channel.basic_nack(handle[1], requeue=requeue)
-        except BROKER_ERRORS as exc:
-            self.drop_broker(exc)
 
     def task_row(self, record=None, node=None):
         """The task table's final row of a record (as _db's writer makes it), or None."""
