@@ -13,7 +13,7 @@ With --paired the ungated decode is made again beside each setting (twice the ti
 CPU ratios on a machine whose load changes during the run.
 
 Usage: .venv/bin/python bench/vad_grid.py [--calls N] [--sets stereo,mono] [--grid small|full|padding]
-       [--paired]
+       [--paired] [--first N]
 """
 import argparse
 import itertools
@@ -146,10 +146,11 @@ def main():
     ap.add_argument('--grid', default='small', choices=('small', 'full', 'padding'))
     ap.add_argument('--paired', action='store_true',
                     help='decode without the gate again beside each setting (CPU ratios under changing load)')
+    ap.add_argument('--first', type=int, help='only the first N settings of the grid')
     args = ap.parse_args()
     engine = _engine.PocketSphinxEngine()
     engine.load()
-    settings = grid(args.grid)
+    settings = grid(args.grid)[:args.first]
     for name in args.sets.split(','):
         calls = callsets.make(CALLS, name, args.calls)
         audio = sum(c.seconds * c.channels for c in calls)
