@@ -114,12 +114,8 @@ def run_set(engine, calls, settings, paired=False):
             recs = _vad.recognize(engine, p.engine_pcm, s)
             cpu += time.process_time() - t
             hyps.extend(r.text for r in recs)
-            for ch, rec in zip('AB', recs):
-                turns = [t for t in call.turns if t['channel'] == ch]
-                for w in rec.words:
-                    words += 1
-                    if min(max(t['start'] - w.start, w.end - t['end'], 0) for t in turns) > 0.15:
-                        off += 1
+            n_off, n_words = callsets.words_off_speech(call, recs)
+            off, words = off + n_off, words + n_words
         return cpu, jiwer.wer(refs, hyps), kept / audio, off / max(1, words)
 
     off_settings = _vad.VadSettings(enabled=False)

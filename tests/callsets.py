@@ -192,3 +192,15 @@ if __name__ == '__main__':
     for set_name in sys.argv[2:] or SETS:
         for c in make(out, set_name):
             print('%s %d ch %.1f s silence %.0f %%' % (c.path, c.channels, c.seconds, 100 * silence_share(c)))
+
+
+def words_off_speech(call, recs):
+    """Words lying more than 0.15 s outside every turn of their channel, and all words."""
+    off, total = 0, 0
+    for label, rec in zip('AB', recs):
+        turns = [t for t in call.turns if t['channel'] == label]
+        for w in rec.words:
+            total += 1
+            if min(max(t['start'] - w.start, w.end - t['end'], 0) for t in turns) > 0.15:
+                off += 1
+    return off, total

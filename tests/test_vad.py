@@ -108,18 +108,6 @@ def test_other_rates_pass_ungated():
         _vad.gate([b'\0\0' * 1000], 22050, _vad.VadSettings())
 
 
-def _words_off_speech(call, recs):
-    """Words lying more than 0.15 s outside every turn of their channel, and all words."""
-    off, total = 0, 0
-    for label, rec in zip('AB', recs):
-        turns = [t for t in call.turns if t['channel'] == label]
-        for w in rec.words:
-            total += 1
-            if min(max(t['start'] - w.start, w.end - t['end'], 0) for t in turns) > 0.15:
-                off += 1
-    return off, total
-
-
 def test_call_sets_accuracy_with_and_without_vad(sphinx, calls):
     off_speech = {False: [0, 0], True: [0, 0]}
     wer = {}
@@ -133,7 +121,7 @@ def test_call_sets_accuracy_with_and_without_vad(sphinx, calls):
                 for label, rec in zip('AB', recs):
                     refs[enabled].append(call.said[label])
                     hyps[enabled].append(rec.text)
-                off, total = _words_off_speech(call, recs)
+                off, total = callsets.words_off_speech(call, recs)
                 off_speech[enabled][0] += off
                 off_speech[enabled][1] += total
         wer[name] = {k: jiwer.wer(refs[k], hyps[k]) for k in (False, True)}
