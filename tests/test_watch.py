@@ -110,8 +110,8 @@ def test_a_copied_file_is_taken_without_waiting_for_a_scan(make_daemon):
     # A scan would need two passes (20 minutes) to call these settled.
     recs = d.wait_records(2, timeout=35)
     assert sorted(r['data']['transcript'] for r in recs) == sorted([TEXTS['en_hello.wav'], TEXTS['en_cancel.wav']])
-    s = monitor(d)['scanner']
-    assert s['quickClaims'] == 2 and s['scans'] == 1, s
+    wait_for(lambda: monitor(d)['scanner']['quickClaims'] == 2, 10, 'both claims counted as inotify ones')
+    assert monitor(d)['scanner']['scans'] == 1
     assert sorted(os.listdir(os.path.join(d.batch, 'done'))) == ['en_hello.wav', 'sub']
 
 
@@ -134,7 +134,8 @@ def test_a_file_held_open_is_not_taken_until_closed(make_daemon):
         f.write(data[half:])
     (rec,) = d.wait_records(1, timeout=35)
     assert rec['data']['transcript'] == TEXTS['en_account.wav']
-    assert monitor(d)['scanner']['quickClaims'] == 1
+    # The scanner's counters reach Monitor with its next status message, after the record.
+    wait_for(lambda: monitor(d)['scanner']['quickClaims'] == 1, 10, 'the claim counted as an inotify one')
 
 
 def test_poll_mode_takes_files_by_scans_only(make_daemon):
