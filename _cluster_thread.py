@@ -246,6 +246,7 @@ class Connections:
         params = pika.URLParameters(self.url)
         params.heartbeat, params.socket_timeout, params.blocked_connection_timeout = 5, 3, 10
         params.connection_attempts = 1
+        conn = None
         try:
             conn = pika.BlockingConnection(params)
             channel = conn.channel()
@@ -253,6 +254,13 @@ class Connections:
             self.depth = declare(channel, self.names, self.limit)
             channel.basic_consume(self.names['reply'], self.on_reply)
         except BROKER_ERRORS as exc:
+            # Connected but refused later (a queue declared with other arguments: 406): the
+            # connection goes too, or every retry would leave one open.
+            if conn is not None and conn.is_open:
+                try:
+                    conn.close()
+                except BROKER_ERRORS:
+                    pass
             self.broker_next = time.monotonic() + self.broker_backoff.next()
             log.warning('cluster: broker unreachable (%s); trying again in %.1f s', exc or type(exc).__name__,
                         self.broker_next - time.monotonic())

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pika
+import psutil
 import pytest
 import requests
 
@@ -423,6 +424,34 @@ def proxied_node(node, name, proxy, **opts):
     d.cli('db', 'init', check=True)
     d.start()
     return d
+
+
+def test_a_queue_declared_with_other_arguments_is_retried_without_leaking_connections(node, qname):
+    """An operator who changed delivery_limit finds the quorum queue declared with the old
+    x-delivery-limit: the broker refuses the declaration (406) at every retry; the node says
+    so, keeps no connection of a failed try, and connects once the queue is gone."""
+    conn = broker()
+    try:
+        conn.channel().queue_declare(qname, durable=True, arguments={'x-queue-type': 'quorum',
+                                                                     'x-delivery-limit': 7})
+    finally:
+        conn.close()
+    d = node('lk', start=False)
+    d.cli('db', 'init', check=True)
+    d.start()
+
+    def broker_sockets():
+        return [c for c in psutil.Process(d.pid).net_connections('tcp') if c.raddr and c.raddr[1] == 5672]
+    wait_for(lambda: d.log_text().count('PRECONDITION_FAILED') >= 3, 30, 'three refused tries')
+    assert len(broker_sockets()) <= 1
+    assert monitor(d, 'cluster')['cluster']['brokerUp'] is False
+    conn = broker()
+    try:
+        conn.channel().queue_delete(qname)
+    finally:
+        conn.close()
+    wait_for(lambda: monitor(d, 'cluster')['cluster']['brokerUp'], 30, 'connected once the queue is gone')
+    assert len(broker_sockets()) == 1
 
 
 def test_a_cut_broker_connection_of_a_live_node_runs_nothing_twice(node, shared, dbname, qname):
