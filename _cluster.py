@@ -156,7 +156,7 @@ class Cluster:
     def reply(self, wait, body, record=None):
         """Hand the answer of a task admitted here to whoever waits for it; `record`: the runner's
         record (a dict) of an HTTP task, when it came with the answer."""
-        sid = wait.request['speechID']
+        sid = wait.speech_id
         if wait.source == Source.SCANNER:
             # Its record is written (by whichever node ran it): the scanner may move the file out.
             self.scanner.tell((sid, body.get('result'), body.get('state'), body.get('message') or ''))
@@ -167,22 +167,17 @@ class Cluster:
             self.conns.send(wait.conn, Type.TRANSCRIBE_RESP, body)
 
     def reject(self, wait, result, message):
-        sid = wait.request['speechID']
-        log.warning('master: speechID=%s: %s: %s', sid, result.value, message)
+        log.warning('master: speechID=%s: %s: %s', wait.speech_id, result.value, message)
         if wait.source == Source.SCANNER:
-            self.scanner.refused(sid, result, message)
-        elif wait.source == Source.HTTP:
-            self.tell_web(wait, _packet.error_body(wait.request, result, State.NONE, message))
-        elif wait.conn is not None and not wait.conn.closed:
-            wait.conn.tasks.discard(sid)
-            self.conns.send(wait.conn, Type.TRANSCRIBE_RESP, _packet.error_body(wait.request, result, State.NONE,
-                                                                                message))
+            self.scanner.refused(wait.speech_id, result, message)
+        else:
+            self.reply(wait, _packet.error_body(wait.request, result, State.NONE, message))
 
     def tell_web(self, wait, body, record=None):
         """The web process waits for an HTTP task's records line (its answer, and the sign that its
         upload may go): the runner's record when it came with the answer, else one made of the
         answer (a timeout, a refusal, an answer stored in the task's row)."""
-        sid = wait.request['speechID']
+        sid = wait.speech_id
         if sid in self.told:
             self.told.discard(sid)
             return

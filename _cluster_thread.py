@@ -498,13 +498,7 @@ class ClusterThread(Connections, threading.Thread):
     def submit(self, msg):
         sid, token = msg['speechID'], msg['token']
         if 'entered' not in msg:
-            if self.db is None:
-                return False
-            try:
-                msg['entered'], msg['answer'] = self.db_do(self.enter, msg)
-            except DB_ERRORS as exc:
-                self.drop_db(exc)
-                return False
+            return False        # prepare() enters it (this step, or once the database is back)
         if not msg['entered']:
             self.post(('refused', sid, token, json.loads(msg['answer']) if msg['answer'] else None))
             return True
@@ -516,13 +510,9 @@ class ClusterThread(Connections, threading.Thread):
         # No confirm (the connection died, or a nack): the command waits for the next try.
         return self.publish(self.names['tasks'], body, published, lambda: self.later.append(('submit', msg)))
 
-    def enter(self, conn, msg):
-        """Insert the task's row, with the message a live node publishes again if this life dies first."""
-        return cdb.insert(conn, msg['speechID'], msg['token'], self.node, msg['source'], self.dead_secs, self.token,
-                          self.message(msg))
-
     @staticmethod
     def message(msg):
+        """The task's message as its row keeps it, for a live node to publish again if this life dies first."""
         return json.dumps(msg, ensure_ascii=False)
 
     def sweep(self):
