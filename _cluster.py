@@ -213,11 +213,18 @@ class Cluster:
             task = self.tasks.admit(msg['request'], Source(msg['source']), keep_source=msg.get('keepSource'),
                                     file_path=msg.get('filePathRaw'), origin=msg)
         except Refused as exc:
+            # This node cannot take a task now (stopping, no engine, records not writable): another
+            # node can, and this one takes nothing more meanwhile (tick() sets its prefetch to 0).
             log.warning('master: speechID=%s from the cluster not taken here (%s: %s); back to the queue',
                         sid, exc.result.value, exc.message)
+            self.counters['givenBack'] += 1
             self.thread.put(('unrun', msg, handle))
             return
         self.runs[sid] = (msg, handle)
+        if task is None:
+            # Its paths are outside this node's roots: it ended here already, with its record.
+            self.counters['refusedRuns'] += 1
+            return
         if attempts and attempts > 1:
             log.warning('master: speechID=%s: run %d (the node of an earlier run died)', sid, attempts)
         if dead:

@@ -152,6 +152,8 @@ class Master:
     def capacity(self):
         """Tasks this node takes from the cluster's queue at once: its workers, plus the free
         recognition slots of the legacy engines logged in (a worker only prepares their audio)."""
+        if self.tasks.cannot_record():
+            return 0        # a task taken now could end with no record: let another node have it
         if self.engine.embedded:
             return self.pool.size if self.pool.available else 0
         return len(self.broker.engines) * self.broker.concurrency + self.pool.size if self.broker.available else 0

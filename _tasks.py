@@ -168,7 +168,14 @@ class TaskTable:
         try:
             job = self.make_job(req, keep_source, file_path)
         except RequestError as exc:
-            raise Refused(Result.BAD_REQUEST, exc.message) from None
+            if origin is None:
+                raise Refused(Result.BAD_REQUEST, exc.message) from None
+            # A cluster task another node accepted and this one refuses (its roots differ): that is
+            # its end, here, with its record; sent back to the queue it would only come back.
+            job = Job(speech_id=sid, candidates=[], roots=self.roots, audio_path=None, stem=sid)
+            refused = exc.message
+        else:
+            refused = None
         now, mono = time.time(), time.monotonic()
         task = Task(sid, req, source, conn, now, mono, mono + self.timeout, job,
                     socket_fd=conn.sock.fileno() if conn is not None else None, origin=origin)
@@ -182,6 +189,10 @@ class TaskTable:
             'speechID': sid, 'source': source.value, 'state': task.state.value,
             'startTime': stamp(task.created), 'created': task.created,
             'request': {k: v for k, v in req.items() if k != 'speechID'}, 'audioPath': job.audio_path})
+        if refused is not None:
+            self.end(task, Outcome.failed(State.ERROR, Result.BAD_REQUEST, 'node %s cannot run it: %s' % (
+                _config.node_name(self.cfg), refused)))
+            return None
         log.info('master: speechID=%s accepted from %s (%s)', sid, conn.name if conn is not None else source,
                  _safepath.text(job.candidates[0]))
         return task

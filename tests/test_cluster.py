@@ -21,6 +21,7 @@ from cluster import sigkill as kill
 from conftest import FIXTURES, ROOT, transcribe_req, wait_for
 from helpers import Closing, Proxy, Receiver, db_section, monitor, query
 from legacy_engine import LegacyEngine
+from test_safety_records import fill, tmpfs  # noqa: F401 (a fixture)
 from test_web import web_process
 
 BROKER = 'amqp://guest:guest@127.0.0.1:5672/%2F'
@@ -712,6 +713,73 @@ def test_a_task_entered_by_a_node_that_died_before_publishing_it_still_runs_once
     time.sleep(2)       # swept once: not published again
     assert len(a.records()) == 1 and len(eng.received) == 1
     eng.close()
+
+
+def test_a_task_its_runner_s_paths_refuse_ends_there_once_instead_of_going_round(node, shared, dbname, qname):
+    """Nodes whose allowed roots differ: the node that took the task refuses its paths. That is
+    its end (result 7, one record, one final row), not a message sent back to the queue over and
+    over."""
+    a = remote_node(node, 'ra')                          # admits it; no engine: runs nothing
+    b = remote_node(node, 'rb', roots='batch, data')     # runs tasks, but not from the shared folder
+    eng = LegacyEngine(b.port)
+    assert eng.start() == '0'
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='r1'))
+        _, answer = ca.recv(60)
+    assert answer['result'] == '7' and 'outside the allowed roots' in answer['message'], answer
+    assert 'rb' in answer['message'], answer
+    assert eng.received == []
+    recs = b.wait_records(1)
+    assert [(r['data']['speechID'], r['data']['result']) for r in recs] == [('r1', '7')] and a.records() == []
+    rows = final_rows(dbname, 1)
+    assert rows['r1']['node'] == 'rb' and rows['r1']['result'] == '7'
+    crow = cluster_rows(dbname)['r1']
+    assert (crow['state'], crow['run_node'], crow['attempts']) == ('final', 'rb', 1)
+    # Nothing goes round: no delivery left in either queue, and rb decided the task once.
+    view = wait_for(lambda: (lambda c: c if c.get('queueDepth') == 0 else None)(monitor(b, 'cluster')['cluster']),
+                    15, 'the queue empty')
+    assert view['counters'].get('refusedRuns', 0) == 1, view['counters']
+    log = b.log_text()
+    assert 'speechID=r1 from the cluster not taken here' not in log and log.count('speechID=r1 ended') == 1
+    eng.close()
+
+
+def test_a_node_that_cannot_write_records_takes_nothing_from_the_queue(tmpfs, node, shared, dbname, qname):
+    """A full records disk: the node answers no more deliveries (prefetch 0) instead of taking each
+    task and giving it back to the queue; the others run them. Its own held record follows once
+    there is space again."""
+    a = remote_node(node, 'fa', start=False)
+    filler = fill(tmpfs(os.path.join(a.base, 'records'), '1m'))
+    a.cli('db', 'init', check=True)
+    a.start()
+    wait_for(lambda: monitor(a, 'cluster')['cluster']['brokerUp'], 30, 'fa connected to the broker')
+    ea = LegacyEngine(a.port)
+    assert ea.start() == '0'
+    b = remote_node(node, 'fb')         # no engine yet: it takes nothing
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca, Closing(b.client()) as cb:
+        ca.send(1002, transcribe_req(folder, name, sid='f1'))
+        wait_for(lambda: 'could not write the usage record of speechID=f1' in a.log_text(), 60, 'the failed record')
+        wait_for(lambda: monitor(a, 'cluster')['cluster']['capacity'] == 0, 15, 'fa takes nothing more')
+        # fa admits nothing now (result 3); a task admitted on fb waits in the queue, fa leaves it there.
+        cb.send(1002, transcribe_req(folder, name, sid='f2'))
+        wait_for(lambda: cluster_rows(dbname).get('f2'), 30, 'f2 entered')
+        time.sleep(1)       # what fa would do with a delivery, it would do now
+        assert cluster_rows(dbname)['f2']['state'] == 'queued'
+        eb = LegacyEngine(b.port)
+        assert eb.start() == '0'
+        _, f2 = cb.recv(60)
+        os.unlink(filler)
+        _, f1 = ca.recv(60)
+    answers = {'f1': f1, 'f2': f2}
+    assert answers['f2']['result'] == '0' and [r['speechID'] for r in eb.received] == ['f2']
+    assert [r['speechID'] for r in ea.received] == ['f1'] and answers['f1']['result'] == '0'
+    assert 'speechID=f2 from the cluster not taken here' not in a.log_text()
+    assert [r['data']['speechID'] for r in a.wait_records(1)] == ['f1']
+    assert [r['data']['speechID'] for r in b.wait_records(1)] == ['f2']
+    ea.close()
+    eb.close()
 
 
 # ---------------------------------------------------------------- HTTP tasks through the queue
