@@ -157,6 +157,10 @@ def monitor_body(master, kind='all'):
         body['engine'].update(master.broker.describe())
     if kind in ('all', 'task'):
         body['task'] = master.tasks.describe()
+        if master.cluster is not None:
+            # Tasks admitted here that wait for the cluster (queued, or running on another node).
+            body['task'] += [{k: row[k] for k in ('speechID', 'startTime', 'state')}
+                             for row in master.cluster.task_rows(exclude=master.tasks)]
     for part in ('disk', 'cpu', 'memory'):
         if kind in ('all', part):
             body[part] = snap[part]

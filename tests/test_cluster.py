@@ -257,6 +257,9 @@ def test_a_task_admitted_on_one_node_runs_on_another(node, shared, dbname, qname
         cb.send(1002, transcribe_req(folder, name, sid='x1'))
         _, refused = cb.recv(30)
         assert refused['result'] == '1' and 'already in progress in the cluster' in refused['message']
+        # Monitor's task list on the node holding the client shows the task while it waits.
+        assert [(t['speechID'], t['state']) for t in monitor(a, 'task')['task']] == [('x1', 'INIT')]
+        assert monitor(b, 'task')['task'] == []
         eng = LegacyEngine(b.port)
         assert eng.start() == '0'
         _, answer = ca.recv(60)
