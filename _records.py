@@ -128,8 +128,15 @@ class TaskRecord:
 
     def to_dict(self):
         """A JSON-ready dict with numbers kept as numbers (the database spool's form)."""
-        out = dataclasses.asdict(self)
+        # Not dataclasses.asdict: its deep copy of the segments (every word a dict) cost the
+        # master's reporter more than the record's own line. The containers are copied one level;
+        # what is inside them is shared, and no sink changes it.
+        out = {f.name: getattr(self, f.name) for f in _RECORD_FIELDS}
         out['marks'] = [[Mark(m).value, secs] for m, secs in self.marks]
+        out['request'] = dict(self.request)
+        out['channels'] = list(self.channels)
+        if self.segments is not None:
+            out['segments'] = list(self.segments)
         return out
 
     @classmethod
@@ -141,6 +148,9 @@ class TaskRecord:
         values.update(source=Source(d['source']), state=State(d['state']), result=Result(str(d['result'])),
                       marks=[(Mark(m), float(secs)) for m, secs in d.get('marks') or ()])
         return cls(**values)
+
+
+_RECORD_FIELDS = dataclasses.fields(TaskRecord)
 
 
 def last_seq(folder, day):
