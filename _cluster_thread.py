@@ -333,10 +333,12 @@ class Connections:
         if self.channel is None or handle[0] != self.gen:
             return      # that delivery went back to the queue with its connection; its next taker sees the row
         try:
+            # On the asynchronous channel, as Publisher's publishes: BlockingChannel.basic_ack waits
+            # to write each ack out; these go with the next process_data_events of the thread's step.
             if requeue is None:
-                self.channel.basic_ack(handle[1])
+                self.channel._impl.basic_ack(handle[1])
             else:
-                self.channel.basic_nack(handle[1], requeue=requeue)
+                self.channel._impl.basic_nack(handle[1], requeue=requeue)
         except BROKER_ERRORS as exc:
             self.drop_broker(exc)
 
@@ -536,7 +538,7 @@ class ClusterThread(Connections, threading.Thread):
             self.on_reply_body(json.loads(body))
         except (ValueError, KeyError, TypeError) as exc:
             log.error('cluster: bad reply dropped (%s)', exc)
-        channel.basic_ack(method.delivery_tag)
+        channel._impl.basic_ack(method.delivery_tag)
 
     # ------------------------------------------------------------ runner: take, finish
 
