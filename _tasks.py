@@ -147,7 +147,8 @@ class TaskTable:
     def admit(self, req, source, conn=None, keep_source=False, file_path=None, origin=None):
         """Make a task of a checked request; Refused says why not. `file_path`: the real
         filePath when the request's is only its UTF-8 rendering (a scanned folder's name);
-        `origin`: the cluster's message of a task given to this node to run."""
+        `origin`: the cluster's message of a task given to this node to run; one whose paths
+        this node's roots refuse ends at once, with its record, and None is returned."""
         if self.stopping():
             raise Refused(Result.UNAVAILABLE, 'the service manager is shutting down')
         trouble = self.cannot_record()
