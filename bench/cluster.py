@@ -176,6 +176,11 @@ def main():
                 lats[name].extend(lat)
                 print('round %d: %-9s %4d node(s), cluster mode %-3s: %7.1f tasks/s'
                       % (r + 1, name, n, 'on' if mode else 'off', rate))
+            if have_cluster:
+                # Paired within the round: the machine's load moves less in one round than over all.
+                print('round %d: cluster-1 / single-1 %.2fx, cluster-3 / cluster-1 %.2fx'
+                      % (r + 1, rates['cluster-1'][-1] / rates['single-1'][-1],
+                         rates['cluster-3'][-1] / rates['cluster-1'][-1]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {name: statistics.median(v) for name, v in rates.items()}
@@ -195,6 +200,10 @@ def main():
     print('tasks/s, 3 nodes with cluster mode:   %.1f' % med['cluster-3'])
     one = med['cluster-1'] / med['single-1']
     three = med['cluster-3'] / med['cluster-1']
+    if args.rounds > 1:
+        print('median of the rounds\' paired ratios: cluster-1 / single-1 %.2fx, cluster-3 / cluster-1 %.2fx'
+              % (statistics.median(c / s for c, s in zip(rates['cluster-1'], rates['single-1'])),
+                 statistics.median(c / s for c, s in zip(rates['cluster-3'], rates['cluster-1']))))
     print('cluster mode on 1 node / single-node mode: %.2fx (target >= %.1fx): %s'
           % (one, TARGET_CLUSTER_VS_SINGLE, 'met' if one >= TARGET_CLUSTER_VS_SINGLE else 'NOT met'))
     print('3 nodes / 1 node (both cluster mode): %.2fx (target >= %.1fx): %s'
