@@ -87,13 +87,19 @@ def adopt_outboxes(cfg, me, view):
         name = node.get('node') or ''
         if node.get('alive') or name == me or os.sep in name or name.startswith('.'):
             continue
+        dead_box = os.path.join(shared, 'records', name, 'webhook')
         try:
-            moved = _webhook.adopt_outbox(os.path.join(shared, 'records', name, 'webhook'), own)
+            moved = _webhook.adopt_outbox(dead_box, own)
+            # The ones it gave up on: into this node's failed/, where `webhook redeliver` finds them.
+            gave_up = _webhook.adopt_outbox(os.path.join(dead_box, _webhook.FAILED), os.path.join(own, _webhook.FAILED))
         except OSError as exc:
             log.warning('cluster: cannot adopt the webhook outbox of %s: %s', name, exc)
             continue
         if moved:
             log.warning('cluster: %d undelivered webhook(s) of dead node %s adopted', moved, name)
+        if gave_up:
+            log.warning('cluster: %d webhook(s) dead node %s gave up on adopted into %s (svcmgr.py webhook '
+                        'redeliver sends them again)', gave_up, name, os.path.join(own, _webhook.FAILED))
 
 
 class Backoff:

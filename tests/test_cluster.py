@@ -652,6 +652,8 @@ def test_webhooks_a_dead_node_never_delivered_go_out_from_a_live_node_with_their
         # The dead node's undelivered outbox entry of another task, and of rr1 (as its reporter made it).
         box = _webhook.Outbox(os.path.join(shared, 'records', 'ghost', 'webhook'))
         box.add(box.new_entry('gg1', {'speechID': 'gg1', 'result': '0'}, msg_id='msg_' + 'a' * 32))
+        # One it gave up on (failed/): adopted into the live node's failed/, not sent.
+        box.add(box.new_entry('gf1', {'speechID': 'gf1', 'result': '0'}, msg_id='msg_' + 'f' * 32), failed=True)
         line, reply = ghost_recorded(shared, dbname, qname, transcribe_req(folder, name, sid='rr1'), now)
         payload = _webhook.build_payload(TaskRecord.from_line(line))
         box.add(box.new_entry('rr1', payload, msg_id=_webhook.entry_id(payload)))
@@ -670,6 +672,11 @@ def test_webhooks_a_dead_node_never_delivered_go_out_from_a_live_node_with_their
         assert ids['rr1'] == {_webhook.entry_id(payload)}
         assert ids['rr3'] == {_webhook.entry_id(payload3)}
         wait_for(lambda: box.names() == [], 30, "the dead node's outbox emptied")
+        own = _webhook.Outbox(os.path.join(shared, 'records', 'w1', 'webhook'))
+        wait_for(lambda: box.names(failed=True) == [] and len(own.names(failed=True)) == 1, 30,
+                 "the dead node's failed/ entry adopted")
+        assert own.read(own.names(failed=True)[0], failed=True)['id'] == 'msg_' + 'f' * 32
+        assert 'gf1' not in receiver.speech_ids()
         eng.close()
     finally:
         receiver.stop()
