@@ -792,6 +792,35 @@ def test_a_node_that_cannot_write_records_takes_nothing_from_the_queue(tmpfs, no
     eb.close()
 
 
+def test_a_reload_keeps_the_running_cluster_and_db_sections_and_says_so(node, shared, dbname, qname):
+    """[cluster] and [db] are read once, at start (the cluster thread, the db writer): a reload that
+    changes them keeps the running values, node name included, and logs the keys that wait for a
+    restart; the rest of the reload applies."""
+    a = remote_node(node, 'hr')
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    with open(a.ini) as f:
+        text = f.read()
+    with open(a.ini, 'w') as f:
+        f.write(text.replace('node = hr', 'node = hr-renamed').replace('heartbeat_secs = 0.5', 'heartbeat_secs = 1')
+                .replace('max_tasks = 100', 'max_tasks = 7'))
+    assert a.cli('reload').returncode == 0
+    wait_for(lambda: 'master: reload done' in a.log_text(), 30, 'the reload')
+    log = a.log_text()
+    assert 'reload: [db] node changed; that takes a restart' in log, log[-2000:]
+    assert 'reload: [cluster] heartbeat_secs changed; that takes a restart' in log, log[-2000:]
+    assert monitor(a)['queue']['maxTasks'] == 7          # the rest applied
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='h1'))
+        _, answer = ca.recv(60)
+    assert answer['result'] == '0'
+    assert final_rows(dbname, 1)['h1']['node'] == 'hr'
+    assert monitor(a, 'cluster')['cluster']['node'] == 'hr'
+    assert cluster_rows(dbname)['h1']['run_node'] == 'hr'
+    eng.close()
+
+
 # ---------------------------------------------------------------- HTTP tasks through the queue
 
 def http_node(node, shared, name, **opts):
