@@ -34,8 +34,6 @@ from _web_end import WebLink, admit_http
 log = logging.getLogger('master')
 
 TICK_SECS = 0.1
-# Sections a reload does not apply: what reads them is made once, at start.
-RESTART_SECTIONS = ('db', 'webhook', 'cluster')
 
 
 class Master:
@@ -310,25 +308,12 @@ class Master:
             log.error('master: reload refused, keeping the running configuration: %s', line)
         if problems:
             return
-        self.keep_restart_sections(cfg)
+        _reload.keep_restart_sections(cfg, self.cfg)
         self.trial.cancel('a newer reload came')
         if dict(cfg['engine']) != dict(self.cfg['engine']) and cfg['engine']['type'] != 'remote':
             self.trial.start(cfg, path)
             return
         self.apply_config(cfg)
-
-    def keep_restart_sections(self, cfg):
-        """The db writer, the webhook senders and the cluster thread are made at start: a reload
-        keeps their running sections in the new configuration (so that nothing reads values that
-        do not run, such as another node name) and says which keys wait for a restart."""
-        for name in RESTART_SECTIONS:
-            new, old = cfg.get(name), self.cfg.get(name)
-            if new is None or old is None or dict(new) == dict(old):
-                continue
-            keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
-            log.warning('master: reload: [%s] %s changed; that takes a restart (svcmgr.py restart), the running '
-                        'values stay until then', name, ', '.join(keys))
-            cfg[name] = old.dict()
 
     def apply_config(self, cfg):
         log.info('master: reloading %s', cfg.filename)

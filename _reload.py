@@ -46,6 +46,24 @@ def preflight(cfg):
     return problems
 
 
+# Sections a reload does not apply: what reads them (the db writer, the webhook senders, the
+# cluster thread) is made once, at start.
+RESTART_SECTIONS = ('db', 'webhook', 'cluster')
+
+
+def keep_restart_sections(cfg, running):
+    """Put the running RESTART_SECTIONS into the new configuration `cfg`, so that nothing reads
+    values that do not run (such as another node name), and log the keys that wait for a restart."""
+    for name in RESTART_SECTIONS:
+        new, old = cfg.get(name), running.get(name)
+        if new is None or old is None or dict(new) == dict(old):
+            continue
+        keys = sorted(k for k in set(new) | set(old) if new.get(k) != old.get(k))
+        log.warning('master: reload: [%s] %s changed; that takes a restart (svcmgr.py restart), the running '
+                    'values stay until then', name, ', '.join(keys))
+        cfg[name] = old.dict()
+
+
 def model_fingerprint(cfg):
     """[(file, size, mtime_ns)] of the model folder app.ini names, or None (a packaged model):
     the master loads a model only if it is still the one the probe loaded."""
