@@ -122,6 +122,10 @@ def test_cluster_needs_the_database_and_checks_its_keys(tmp_path):
     assert any('broker_url' in p and 'amqp://' in p for p in problems(on + 'broker_url = http://x/\nqueue = "a b"\n'))
     assert 'queue' in problems(on + 'queue = "a b"\n')[0]
     assert 'node_dead_secs' in problems(on + 'node_dead_secs = 3\nheartbeat_secs = 2\n')[0]
+    # The node's name is a folder on the shared storage: nothing that leaves it or hides it.
+    for bad in ('..', '../stt2', 'stt1/x', '.hidden', 'x' * 129, '"stt 1"'):
+        found = problems(on.replace('[db]\n', '[db]\nnode = %s\n' % bad) + 'shared_path = nfs\n')
+        assert '[db] node: in cluster mode use 1-128 characters' in found[0], (bad, found)
     ini.write_text(on + 'shared_path = nfs\n')
     cfg = _config.load(str(ini))
     assert cfg['cluster']['shared_path'] == str(tmp_path / 'nfs') and cfg['cluster']['delivery_limit'] == 2
