@@ -60,9 +60,10 @@ class Cluster:
     reporter sink it hands that answer on once the task's record is written (the last sink).
     `web` (a WebLink) is told the records line of an HTTP task admitted here, wherever it ran."""
 
-    def __init__(self, loop, cfg, tasks, capacity, conns, scanner, web=None):
+    def __init__(self, loop, cfg, tasks, capacity, conns, scanner, web=None, stop=None):
         self.loop, self.cfg, self.tasks = loop, cfg, tasks
         self.capacity, self.conns, self.scanner, self.web = capacity, conns, scanner, web
+        self.stop_node = stop           # stop(why): the master's graceful stop
         # HTTP tasks admitted and run here: the web process had their records line from the
         # WebLink sink already, so their reply from the queue tells it nothing more.
         self.told = set()
@@ -280,6 +281,14 @@ class Cluster:
                 self._refused(*event[1:])
             elif kind == 'view':
                 self.view = event[1]
+            elif kind == 'name taken':
+                self.name_taken()
+
+    def name_taken(self):
+        """Another live node has this node's name (the thread said so in the log): stop."""
+        self.counters['nameTaken'] += 1
+        if self.stop_node is not None:
+            self.stop_node('cluster node name %s in use by another live node' % self.node)
 
     def tick(self, now):
         # A stopping node takes nothing more from the queue.

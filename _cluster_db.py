@@ -72,6 +72,9 @@ HEARTBEAT_SQL = ('INSERT INTO cluster_node (node, token, pid, status, broker_up,
                  ' token = VALUES(token), pid = VALUES(pid), status = VALUES(status),'
                  ' broker_up = VALUES(broker_up), capacity = VALUES(capacity), running = VALUES(running),'
                  ' waiting = VALUES(waiting), alive_at = NOW(6)')
+# Who holds a node name now: its life, its status, its heartbeat (as written, and its age).
+NAME_SQL = ('SELECT token, status, alive_at, TIMESTAMPDIFF(MICROSECOND, alive_at, NOW(6)) / 1e6'
+            ' FROM cluster_node WHERE node = %s')
 NODES_SQL = ('SELECT c.node, c.status, c.pid, c.broker_up, c.capacity, c.running, c.waiting,'
              ' c.alive_at > NOW(6) - INTERVAL %s MICROSECOND AS fresh,'
              ' TIMESTAMPDIFF(MICROSECOND, c.alive_at, NOW(6)) / 1e6 AS age,'
@@ -291,6 +294,14 @@ def _task_row(cur, sid, task_row):
             cur.execute(*task_row)
         except _db.POISON + _db.MALFORMED as exc:
             log.error('cluster: speechID=%s: final task row refused: %s', sid, exc)
+
+
+def name_holder(conn, node):
+    """(token, status, alive_at, age in seconds) of the life that wrote `node`'s heartbeat last, or None."""
+    with conn.cursor() as cur:
+        cur.execute(NAME_SQL, (node,))
+        row = cur.fetchone()
+    return None if row is None else (row[0], row[1], row[2], float(row[3]))
 
 
 def heartbeat(conn, node, token, pid, status, broker_up, capacity, running, waiting):

@@ -349,6 +349,35 @@ class Connections:
             self.drop_broker(exc)
 
 
+class NameGuard:
+    """Whether this node's name is free for this life: no heartbeat row, a row this life wrote, a
+    stopped one, or one whose heartbeat stopped coming (an earlier life killed) are free; a row
+    whose heartbeat another life keeps writing is TAKEN. Decided once, at start."""
+    OURS, WAIT, TAKEN = 'ours', 'wait', 'taken'
+    # An earlier life that wrote no heartbeat in this many of our periods is gone.
+    QUIET_BEATS = 3
+
+    def __init__(self):
+        self.ours = self.lost = False
+        self.seen = None                # (alive_at, when we first saw it)
+
+    def judge(self, holder, token, dead_secs, beat_secs, now):
+        if holder is None or holder[0] == token or holder[1] != 'running' or holder[3] > dead_secs:
+            self.ours = True
+            return self.OURS
+        alive_at = holder[2]
+        if self.seen is None:
+            self.seen = (alive_at, now)
+            return self.WAIT
+        if alive_at != self.seen[0]:
+            self.lost = True
+            return self.TAKEN
+        if now - self.seen[1] >= self.QUIET_BEATS * beat_secs:
+            self.ours = True
+            return self.OURS
+        return self.WAIT
+
+
 class ClusterThread(Connections, threading.Thread):
     """`put(command)` from any thread; `post(event)` (given) hands events to the master's loop:
     ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body, record),
@@ -377,6 +406,7 @@ class ClusterThread(Connections, threading.Thread):
         self.depth = None
         self.stopping = False
         self.published = self.replied = 0
+        self.name_guard = NameGuard()
 
     # ------------------------------------------------------------ any thread
 
@@ -410,7 +440,7 @@ class ClusterThread(Connections, threading.Thread):
         now = time.monotonic()
         if self.db is None and now >= self.db_next:
             self.connect_db()
-        if self.conn is None and now >= self.broker_next and self.db is not None:
+        if self.conn is None and now >= self.broker_next and self.db is not None and self.name_guard.ours:
             self.connect_broker()
         if time.monotonic() >= self.beat_next:
             self.beat_next = time.monotonic() + self.beat_secs
@@ -670,7 +700,10 @@ class ClusterThread(Connections, threading.Thread):
     # ------------------------------------------------------------ every heartbeat_secs
 
     def periodic(self):
-        if self.db is not None and self.with_db(
+        if self.db is not None and not self.name_guard.ours:
+            self.claim_name()
+            return
+        if self.db is not None and not self.name_guard.lost and self.with_db(
                 cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped' if self.stopping else 'running',
                 self.conn is not None, self.capacity, len(self.running), self.waiting()):
             for handle, msg in list(self.held.items()):
@@ -692,12 +725,31 @@ class ClusterThread(Connections, threading.Thread):
                 self.post(('view', view))
                 adopt_outboxes(self.cfg, self.node, view)
 
+    def claim_name(self):
+        """Before this life writes its first heartbeat or takes a task: another life that wrote this
+        node name's heartbeat and still does is another node with the same name (an app.ini copied
+        without changing [db] node). Both would take each other's answers and look dead to each
+        other, so the newcomer (this life) never writes and asks the master to stop."""
+        try:
+            holder = self.db_do(cdb.name_holder, self.node)
+        except DB_ERRORS as exc:
+            self.drop_db(exc)
+            return
+        verdict = self.name_guard.judge(holder, self.token, self.dead_secs, self.beat_secs, time.monotonic())
+        if verdict == NameGuard.TAKEN:
+            log.error('cluster: node name %s is in use by another live node (its heartbeat keeps coming, life %s,'
+                      ' status %s): give every node its own [db] node; this node stops', self.node,
+                      holder[0][:8], holder[1])
+            self.post(('name taken', self.node))
+        elif verdict == NameGuard.OURS:
+            self.beat_next = 0.0        # the first heartbeat at once
+
     def finish(self):
         for command in self.later:
             if command[0] == 'submit' and command[1].get('entered') and not command[1].get('published'):
                 # Never published: the row goes, so the speechID is free again.
                 self.with_db(cdb.forget, command[1]['speechID'], command[1]['token'])
-        if self.db is not None:
+        if self.db is not None and self.name_guard.ours and not self.name_guard.lost:
             self.with_db(cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped', False, 0, 0, 0)
         for conn in (self.conn, self.db):
             try:

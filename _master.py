@@ -92,7 +92,7 @@ class Master:
         self.reporter.sinks.append(self.scanner)
         if self.cfg['cluster']['enabled']:
             self.cluster = _cluster.Cluster(self.loop, self.cfg, self.tasks, self.capacity, self.conns, self.scanner,
-                                           self.web)
+                                           self.web, stop=self.begin_stop)
             self.tasks.forward = self.cluster.admit
             self.reporter.sinks.append(self.cluster)
             self.cluster.start()

@@ -825,6 +825,30 @@ def test_a_reload_keeps_the_running_cluster_and_db_sections_and_says_so(node, sh
     eng.close()
 
 
+def test_a_second_node_with_a_live_node_s_name_stops_without_writing_anything(node, shared, dbname, qname):
+    """app.ini copied to a new machine without changing [db] node: the newcomer sees the name's
+    heartbeat still coming from another life, says so and stops; it never writes the heartbeat
+    (the live node would look dead to the others) nor takes a task. A node killed and started again
+    at once is not that: its earlier life's heartbeat stops coming (the other tests restart nodes)."""
+    a = remote_node(node, 'dn')
+    eng = LegacyEngine(a.port)
+    assert eng.start() == '0'
+    before = query(dbname, "SELECT token FROM cluster_node WHERE node = 'dn'")[0]['token']
+    b = remote_node(node, 'dn', start=False)
+    b.start()
+    wait_for(lambda: not b.processes(), 30, 'the second "dn" stopped by itself')
+    assert 'cluster: node name dn is in use by another live node' in b.log_text()
+    assert 'broker connected' not in b.log_text()
+    rows = query(dbname, "SELECT token, status FROM cluster_node WHERE node = 'dn'")
+    assert [(r['token'], r['status']) for r in rows] == [(before, 'running')]
+    folder, name = put_fixture(shared, 'en_hello.wav')
+    with Closing(a.client()) as ca:
+        ca.send(1002, transcribe_req(folder, name, sid='d1'))
+        _, answer = ca.recv(60)
+    assert answer['result'] == '0' and [r['speechID'] for r in eng.received] == ['d1']
+    eng.close()
+
+
 # ---------------------------------------------------------------- HTTP tasks through the queue
 
 def http_node(node, shared, name, **opts):
