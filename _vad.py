@@ -3,6 +3,7 @@
 only those regions, padded and joined, to the engine, and maps its word times back to
 the source's timeline. `[engine] vad` and its thresholds in app.ini.
 """
+import bisect
 import logging
 from dataclasses import dataclass, field
 
@@ -154,10 +155,24 @@ def gate(channels, rate, settings):
 
 def _remap(rec, gated, rate):
     """`rec` of the gated PCM put back on the source's timeline, utterance by utterance."""
+    starts = [dst for dst, _, _ in gated.spans]
+
+    def span_at(samples):
+        return max(0, bisect.bisect_right(starts, samples) - 1)
+
     def place(w):
-        start = gated.to_source(int(round(w.start * rate)))
+        a, b = int(round(w.start * rate)), int(round(w.end * rate))
+        # A word the engine heard across a join (the end of one region and the start of the
+        # next) lies in the one that holds most of it: on the source's timeline the pause
+        # between them, which it never heard, is not part of it.
+        first, last = span_at(a), span_at(max(a, b - 1))
+        if first < last:
+            _, dst, length = max((min(b, dst + length) - max(a, dst), dst, length)
+                                 for dst, _, length in gated.spans[first:last + 1])
+            a, b = max(a, dst), min(b, dst + length)
+        start = gated.to_source(a)
         # The end is the last sample of the word, so a word ending at a join stays in its region.
-        end = gated.to_source(max(0, int(round(w.end * rate)) - 1)) + 1
+        end = gated.to_source(max(0, b - 1)) + 1
         return Word(w.word, start / rate, max(start, end) / rate, w.confidence)
     utterances = []
     for u in rec.utterances:

@@ -181,3 +181,14 @@ def test_less_padding_after_a_region_than_before():
     (start, stop), = _vad.regions(flags[0], frame, len(signal), RATE, settings)
     assert (first * frame - start, stop - end * frame) == (int(0.3 * RATE), int(0.12 * RATE))
     assert _vad.VadSettings().padding_after_secs < _vad.VadSettings().padding_secs
+
+
+def test_a_word_heard_across_a_join_stays_in_one_region():
+    # Regions at 1.0-2.0 s and 5.0-6.0 s of the source, back to back for the engine: a word
+    # the engine heard from 0.9 to 1.3 s lies mostly in the second, from 5.0 s on.
+    gated = _vad.Gated(b'', [(0, RATE, RATE), (RATE, 5 * RATE, RATE)], 8 * RATE)
+    words = [_engine.Word('one', 0.2, 0.6), _engine.Word('two', 0.9, 1.3), _engine.Word('three', 1.4, 1.7)]
+    rec = _vad._remap(_engine.Recognition('one two three', _engine.utterances_of(words)), gated, RATE)
+    assert [(w.word, w.start, w.end) for w in rec.words] == [
+        ('one', 1.2, 1.6), ('two', 5.0, 5.3), ('three', 5.4, 5.7)]
+
