@@ -3,6 +3,7 @@
 only those regions, padded and joined, to the engine, and maps its word times back to
 the source's timeline. `[engine] vad` and its thresholds in app.ini.
 """
+import bisect
 import logging
 from dataclasses import dataclass, field
 
@@ -23,6 +24,11 @@ class VadSettings:
     min_dbfs: float = -45.0         # frames quieter than this are silence, whatever the VAD says
     padding_secs: float = 0.3       # kept before each region: quiet onsets (/h/) the VAD misses
     padding_after_secs: float = 0.12    # kept after each region
+    # Onset of each region after a channel's first (which nothing leads into in the engine's
+    # stream): its start moves back over the frames a lenient VAD (this mode) still calls
+    # voice, then by lead_secs of lead-in, padding_secs at most. -1: padding_secs always.
+    onset_aggressiveness: int = -1
+    lead_secs: float = 0.1
     min_speech_secs: float = 0.12   # shorter bursts (clicks) are dropped
     bridge_secs: float = 0.5        # silences shorter than this inside speech are kept as they are
     crosstalk_db: float = 15.0      # stereo: a frame this much quieter than the other channel's is echo
@@ -33,6 +39,7 @@ class VadSettings:
         return cls(enabled=bool(e['vad']), aggressiveness=int(e['vad_aggressiveness']),
                    min_dbfs=float(e['vad_min_dbfs']), padding_secs=float(e['vad_padding_secs']),
                    padding_after_secs=float(e['vad_padding_after_secs']),
+                   onset_aggressiveness=int(e['vad_onset_aggressiveness']), lead_secs=float(e['vad_lead_secs']),
                    min_speech_secs=float(e['vad_min_speech_secs']), bridge_secs=float(e['vad_bridge_secs']),
                    crosstalk_db=float(e['vad_crosstalk_db']))
 
@@ -70,9 +77,9 @@ def _frame_levels(samples, frame):
     return 20 * np.log10(rms / 32768.0)
 
 
-def _vad_flags(pcm, rate, settings, n):
+def _vad_flags(pcm, rate, settings, n, mode=None):
     import webrtcvad     # imported here: only a worker with the gate on needs it
-    vad = webrtcvad.Vad(settings.aggressiveness)
+    vad = webrtcvad.Vad(settings.aggressiveness if mode is None else mode)
     step = 2 * rate * settings.frame_ms // 1000
     return np.fromiter((vad.is_speech(pcm[i * step:(i + 1) * step], rate) for i in range(n)),
                        dtype=bool, count=n)
@@ -122,11 +129,33 @@ def speech_flags(channels, rate, settings):
     return out, frame
 
 
-def regions(flags, frame, total, rate, settings):
+def onset_flags(pcm, rate, settings, n):
+    """The lenient VAD's frames (None with onset_aggressiveness -1): where a region's
+    start may move back to."""
+    if settings.onset_aggressiveness < 0:
+        return None
+    return _vad_flags(pcm, rate, settings, n, settings.onset_aggressiveness)
+
+
+def _padding_before(first, onset, frame, rate, settings):
+    """Samples kept before a region starting at frame `first`."""
+    most = int(settings.padding_secs * rate)
+    if onset is None:
+        return most
+    at = first
+    lead = int(settings.lead_secs * rate)
+    while at > 0 and onset[at - 1] and (first - at + 1) * frame + lead <= most:
+        at -= 1
+    return min(most, (first - at) * frame + lead)
+
+
+def regions(flags, frame, total, rate, settings, onset=None):
     """Speech regions in source samples, padded and merged where the padding meets."""
-    before, after = int(settings.padding_secs * rate), int(settings.padding_after_secs * rate)
+    after = int(settings.padding_after_secs * rate)
     out = []
     for first, end in _runs(flags):
+        # The engine's stream starts with the first region: nothing before it to lead in.
+        before = _padding_before(first, onset if out else None, frame, rate, settings)
         start, stop = max(0, first * frame - before), min(total, end * frame + after)
         if out and start <= out[-1][1]:
             out[-1] = (out[-1][0], max(out[-1][1], stop))
@@ -144,7 +173,8 @@ def gate(channels, rate, settings):
     for pcm, channel_flags in zip(channels, flags):
         total = len(pcm) // 2
         parts, spans, dst = [], [], 0
-        for start, stop in regions(channel_flags, frame, total, rate, settings):
+        onset = onset_flags(pcm, rate, settings, len(channel_flags))
+        for start, stop in regions(channel_flags, frame, total, rate, settings, onset):
             parts.append(pcm[2 * start:2 * stop])
             spans.append((dst, start, stop - start))
             dst += stop - start
@@ -154,10 +184,24 @@ def gate(channels, rate, settings):
 
 def _remap(rec, gated, rate):
     """`rec` of the gated PCM put back on the source's timeline, utterance by utterance."""
+    starts = [dst for dst, _, _ in gated.spans]
+
+    def span_at(samples):
+        return max(0, bisect.bisect_right(starts, samples) - 1)
+
     def place(w):
-        start = gated.to_source(int(round(w.start * rate)))
+        a, b = int(round(w.start * rate)), int(round(w.end * rate))
+        # A word the engine heard across a join (the end of one region and the start of the
+        # next) lies in the one that holds most of it: on the source's timeline the pause
+        # between them, which it never heard, is not part of it.
+        first, last = span_at(a), span_at(max(a, b - 1))
+        if first < last:
+            _, dst, length = max((min(b, dst + length) - max(a, dst), dst, length)
+                                 for dst, _, length in gated.spans[first:last + 1])
+            a, b = max(a, dst), min(b, dst + length)
+        start = gated.to_source(a)
         # The end is the last sample of the word, so a word ending at a join stays in its region.
-        end = gated.to_source(max(0, int(round(w.end * rate)) - 1)) + 1
+        end = gated.to_source(max(0, b - 1)) + 1
         return Word(w.word, start / rate, max(start, end) / rate, w.confidence)
     utterances = []
     for u in rec.utterances:

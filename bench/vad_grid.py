@@ -12,7 +12,7 @@ tests/callsets.py (the same files as bench/speed.py):
 With --paired the ungated decode is made again beside each setting (twice the time), for
 CPU ratios on a machine whose load changes during the run.
 
-Usage: .venv/bin/python bench/vad_grid.py [--calls N] [--sets stereo,mono] [--grid small|full|padding]
+Usage: .venv/bin/python bench/vad_grid.py [--calls N] [--sets stereo,mono] [--grid small|full|padding|onset]
        [--paired] [--first N]
 """
 import argparse
@@ -44,6 +44,13 @@ def grid(kind):
     """[VadSettings]: the defaults first."""
     out = [_vad.VadSettings()]
     # (padding before, after, bridge, aggressiveness, min_dbfs)
+    if kind == 'onset':
+        # (onset mode, lead, after, bridge): the strict regions' starts moved back by a lenient VAD
+        for mode, lead, after, bridge in ((0, 0.1, 0.12, 0.5), (0, 0.14, 0.12, 0.5), (0, 0.06, 0.12, 0.5),
+                                          (0, 0.1, 0.06, 0.5), (1, 0.1, 0.12, 0.5), (0, 0.1, 0.12, 0.3)):
+            out.append(_vad.VadSettings(onset_aggressiveness=mode, lead_secs=lead, padding_after_secs=after,
+                                        bridge_secs=bridge))
+        return out
     if kind == 'padding':
         axes = [(0.3, 0.3, 0.5, 2, -45), (0.3, 0.12, 0.5, 2, -45), (0.3, 0.12, 0.5, 3, -45),
                 (0.1, 0.1, 0.2, 2, -45)]
@@ -64,8 +71,9 @@ def grid(kind):
 
 
 def label(s):
-    return 'pad %.1f/%.2f bridge %.1f aggr %d dbfs %3.0f' % (
-        s.padding_secs, s.padding_after_secs, s.bridge_secs, s.aggressiveness, s.min_dbfs)
+    onset = ' onset m%d lead %.2f' % (s.onset_aggressiveness, s.lead_secs) if s.onset_aggressiveness >= 0 else ''
+    return 'pad %.1f/%.2f bridge %.1f aggr %d dbfs %3.0f%s' % (
+        s.padding_secs, s.padding_after_secs, s.bridge_secs, s.aggressiveness, s.min_dbfs, onset)
 
 
 def _share(flags):
@@ -91,7 +99,8 @@ def breakdown(calls, rate):
             vad = _vad._vad_flags(pcm, rate, s, n)
             loud = _vad._frame_levels(arrays[index], frame)[:n] >= s.min_dbfs
             bridged = _vad._smooth(vad & loud, s)
-            kept = sum(b - a for a, b in _vad.regions(final[index], frame, n * frame, rate, s)) / frame
+            onset = _vad.onset_flags(pcm, rate, s, n)
+            kept = sum(b - a for a, b in _vad.regions(final[index], frame, n * frame, rate, s, onset)) / frame
             sums += n * np.array([_share(spoken[index]), _share(vad), _share(loud), _share(vad & loud),
                                   _share(bridged), kept / n])
             total += n
@@ -120,7 +129,7 @@ def run_set(engine, calls, settings, paired=False):
 
     off_settings = _vad.VadSettings(enabled=False)
     base_cpu, base_wer, _, base_off = decode(off_settings)
-    print('  no gate %40s  kept 100.0 %%  CPU/audio s %.4f            WER %5.1f %%          off %.1f %%'
+    print('  no gate %60s  kept 100.0 %%  CPU/audio s %.4f            WER %5.1f %%          off %.1f %%'
           % ('', base_cpu / audio, 100 * base_wer, 100 * base_off), flush=True)
     for i, s in enumerate(settings):
         if paired:
@@ -130,7 +139,7 @@ def run_set(engine, calls, settings, paired=False):
             (base_cpu, _, _, _), (cpu, wer, kept, off) = (a, b) if i % 2 else (b, a)
         else:
             cpu, wer, kept, off = decode(s)
-        print('  %-48s kept %5.1f %%  CPU/audio s %.4f ratio %.2fx  WER %5.1f %% (%+.1f)  off %.1f %%'
+        print('  %-68s kept %5.1f %%  CPU/audio s %.4f ratio %.2fx  WER %5.1f %% (%+.1f)  off %.1f %%'
               % (label(s), 100 * kept, cpu / audio, cpu / base_cpu, 100 * wer, 100 * (wer - base_wer),
                  100 * off), flush=True)
 
@@ -139,7 +148,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--calls', type=int, default=2, help='calls per set')
     ap.add_argument('--sets', default='mono,stereo')
-    ap.add_argument('--grid', default='small', choices=('small', 'full', 'padding'))
+    ap.add_argument('--grid', default='small', choices=('small', 'full', 'padding', 'onset'))
     ap.add_argument('--paired', action='store_true',
                     help='decode without the gate again beside each setting (CPU ratios under changing load)')
     ap.add_argument('--first', type=int, help='only the first N settings of the grid')

@@ -181,3 +181,39 @@ def test_less_padding_after_a_region_than_before():
     (start, stop), = _vad.regions(flags[0], frame, len(signal), RATE, settings)
     assert (first * frame - start, stop - end * frame) == (int(0.3 * RATE), int(0.12 * RATE))
     assert _vad.VadSettings().padding_after_secs < _vad.VadSettings().padding_secs
+
+
+def test_a_word_heard_across_a_join_stays_in_one_region():
+    # Regions at 1.0-2.0 s and 5.0-6.0 s of the source, back to back for the engine: a word
+    # the engine heard from 0.9 to 1.3 s lies mostly in the second, from 5.0 s on.
+    gated = _vad.Gated(b'', [(0, RATE, RATE), (RATE, 5 * RATE, RATE)], 8 * RATE)
+    words = [_engine.Word('one', 0.2, 0.6), _engine.Word('two', 0.9, 1.3), _engine.Word('three', 1.4, 1.7)]
+    rec = _vad._remap(_engine.Recognition('one two three', _engine.utterances_of(words)), gated, RATE)
+    assert [(w.word, w.start, w.end) for w in rec.words] == [
+        ('one', 1.2, 1.6), ('two', 5.0, 5.3), ('three', 5.4, 5.7)]
+
+
+def test_onset_moves_back_only_as_far_as_the_lenient_vad_hears_voice():
+    # Two "hello"s: the first region keeps vad_padding_secs (nothing leads into it in the
+    # engine's stream); the second starts vad_lead_secs before where VAD mode 0 hears voice.
+    voice = speech()
+    signal = noisy_silence(14.0, 4)
+    at = (int(2.0 * RATE), int(9.0 * RATE))
+    for a in at:
+        signal[a:a + len(voice)] += voice
+    pcm = pcm_of(signal)
+    fixed = _vad.VadSettings()
+    onset = _vad.VadSettings(onset_aggressiveness=0, lead_secs=0.1)
+    strict, frame = _vad.speech_flags([pcm], RATE, fixed)
+    firsts = [first * frame for first, _ in _vad._runs(strict[0])]
+    assert len(firsts) == 2
+    gated, = _vad.gate([pcm], RATE, onset)
+    (_, src1, _), (_, src2, _) = gated.spans
+    assert src1 == firsts[0] - int(0.3 * RATE)
+    lenient = _vad._vad_flags(pcm, RATE, fixed, len(strict[0]), 0)
+    heard = firsts[1] // frame
+    while lenient[heard - 1]:
+        heard -= 1
+    assert src2 == heard * frame - int(0.1 * RATE)
+    assert firsts[1] - int(0.3 * RATE) < src2 <= at[1] + int(0.1 * RATE)
+    assert gated.kept_share < _vad.gate([pcm], RATE, fixed)[0].kept_share
