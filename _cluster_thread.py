@@ -381,7 +381,8 @@ class NameGuard:
 class ClusterThread(Connections, threading.Thread):
     """`put(command)` from any thread; `post(event)` (given) hands events to the master's loop:
     ('run', msg, handle, attempts), ('dead', msg, handle, attempts), ('answer', sid, token, body, record),
-    ('refused', sid, token, result, message), ('published', sid, token), ('view', dict)."""
+    ('refused', sid, token, result, message), ('published', sid, token), ('view', dict),
+    ('name taken', node) (another live node has this node's name: the master stops)."""
 
     def __init__(self, cfg, node, token, post, waiting):
         super().__init__(name='cluster', daemon=True)
