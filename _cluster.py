@@ -222,9 +222,12 @@ class Cluster:
             self.thread.put(('unrun', msg, handle))
             return
         self.runs[sid] = (msg, handle)
-        if task is None:
-            # Its paths are outside this node's roots: it ended here already, with its record.
+        if task.unrunnable:
+            # Its paths are outside this node's roots: it ends here, with its record; sent back to the
+            # queue it would only come back.
             self.counters['refusedRuns'] += 1
+            self.tasks.end(task, Outcome.failed(State.ERROR, Result.BAD_REQUEST, 'node %s cannot run it: %s' % (
+                self.node, task.unrunnable)))
             return
         if attempts and attempts > 1:
             log.warning('master: speechID=%s: run %d (the node of an earlier run died)', sid, attempts)

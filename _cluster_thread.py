@@ -358,24 +358,24 @@ class NameGuard:
     QUIET_BEATS = 3
 
     def __init__(self):
-        self.ours = self.lost = False
+        self.state = self.WAIT
         self.seen = None                # (alive_at, when we first saw it)
 
+    @property
+    def ours(self):
+        return self.state == self.OURS
+
     def judge(self, holder, token, dead_secs, beat_secs, now):
+        """The state after reading the name's heartbeat row `holder` (cdb.name_holder) once more."""
         if holder is None or holder[0] == token or holder[1] != 'running' or holder[3] > dead_secs:
-            self.ours = True
-            return self.OURS
-        alive_at = holder[2]
-        if self.seen is None:
-            self.seen = (alive_at, now)
-            return self.WAIT
-        if alive_at != self.seen[0]:
-            self.lost = True
-            return self.TAKEN
-        if now - self.seen[1] >= self.QUIET_BEATS * beat_secs:
-            self.ours = True
-            return self.OURS
-        return self.WAIT
+            self.state = self.OURS
+        elif self.seen is None:
+            self.seen = (holder[2], now)
+        elif holder[2] != self.seen[0]:
+            self.state = self.TAKEN
+        elif now - self.seen[1] >= self.QUIET_BEATS * beat_secs:
+            self.state = self.OURS
+        return self.state
 
 
 class ClusterThread(Connections, threading.Thread):
@@ -702,9 +702,10 @@ class ClusterThread(Connections, threading.Thread):
 
     def periodic(self):
         if self.db is not None and not self.name_guard.ours:
-            self.claim_name()
+            if self.name_guard.state == NameGuard.WAIT:
+                self.claim_name()
             return
-        if self.db is not None and not self.name_guard.lost and self.with_db(
+        if self.db is not None and self.with_db(
                 cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped' if self.stopping else 'running',
                 self.conn is not None, self.capacity, len(self.running), self.waiting()):
             for handle, msg in list(self.held.items()):
@@ -750,7 +751,7 @@ class ClusterThread(Connections, threading.Thread):
             if command[0] == 'submit' and command[1].get('entered') and not command[1].get('published'):
                 # Never published: the row goes, so the speechID is free again.
                 self.with_db(cdb.forget, command[1]['speechID'], command[1]['token'])
-        if self.db is not None and self.name_guard.ours and not self.name_guard.lost:
+        if self.db is not None and self.name_guard.ours:
             self.with_db(cdb.heartbeat, self.node, self.token, os.getpid(), 'stopped', False, 0, 0, 0)
         for conn in (self.conn, self.db):
             try:

@@ -591,11 +591,12 @@ def _check_cluster(name: str, cfg: configobj.ConfigObj, base: str) -> None:
     if cluster['enabled'] and cluster['node_dead_secs'] <= 2 * cluster['heartbeat_secs']:
         raise ConfigError([f'{name} [cluster] node_dead_secs: must be more than twice heartbeat_secs'
                            ' (a live node would be taken for dead)'])
-    if cluster['enabled'] and not re.fullmatch(r'[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,127}', node_name(cfg)):
+    node = node_name(cfg)
+    if cluster['enabled'] and not re.fullmatch(r'[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,127}', node):
         # It names a folder on the shared storage (records, uploads), a reply queue and rows.
         raise ConfigError([f'{name} [db] node: in cluster mode use 1-128 characters of A-Z a-z 0-9 _ . : -,'
                            f' not starting with "." (it names this node\'s folders on the shared storage):'
-                           f' {node_name(cfg)!r}'])
+                           f' {node!r}'])
     if cluster['enabled'] and cfg['http']['enabled']:
         _cluster_uploads(name, cfg, base)
 

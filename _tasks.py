@@ -50,6 +50,7 @@ class Task:
     prepared: Outcome = None  # the worker's prepared files, for the 3001
     seq: int = None
     origin: dict = None       # cluster mode: the broker's message of a task run here for the cluster
+    unrunnable: str = None    # cluster mode: why this node cannot run it (its roots refuse the paths)
 
     def mark(self, what, now=None):
         now = time.monotonic() if now is None else now
@@ -148,7 +149,8 @@ class TaskTable:
         """Make a task of a checked request; Refused says why not. `file_path`: the real
         filePath when the request's is only its UTF-8 rendering (a scanned folder's name);
         `origin`: the cluster's message of a task given to this node to run; one whose paths
-        this node's roots refuse ends at once, with its record, and None is returned."""
+        this node's roots refuse is a task all the same, with the reason in `unrunnable`, so
+        that it can end here with its record."""
         if self.stopping():
             raise Refused(Result.UNAVAILABLE, 'the service manager is shutting down')
         trouble = self.cannot_record()
@@ -171,15 +173,15 @@ class TaskTable:
         except RequestError as exc:
             if origin is None:
                 raise Refused(Result.BAD_REQUEST, exc.message) from None
-            # A cluster task another node accepted and this one refuses (its roots differ): that is
-            # its end, here, with its record; sent back to the queue it would only come back.
+            # A cluster task another node accepted and this one refuses (its roots differ).
             job = Job(speech_id=sid, candidates=[], roots=self.roots, audio_path=None, stem=sid)
             refused = exc.message
         else:
             refused = None
         now, mono = time.time(), time.monotonic()
         task = Task(sid, req, source, conn, now, mono, mono + self.timeout, job,
-                    socket_fd=conn.sock.fileno() if conn is not None else None, origin=origin)
+                    socket_fd=conn.sock.fileno() if conn is not None else None, origin=origin,
+                    unrunnable=refused)
         task.mark(Mark.TRANSCRIBE_START, mono)
         self.tasks[sid] = task
         if conn is not None:
@@ -190,10 +192,8 @@ class TaskTable:
             'speechID': sid, 'source': source.value, 'state': task.state.value,
             'startTime': stamp(task.created), 'created': task.created,
             'request': {k: v for k, v in req.items() if k != 'speechID'}, 'audioPath': job.audio_path})
-        if refused is not None:
-            self.end(task, Outcome.failed(State.ERROR, Result.BAD_REQUEST, 'node %s cannot run it: %s' % (
-                _config.node_name(self.cfg), refused)))
-            return None
+        if task.unrunnable:
+            return task         # the cluster ends it at once (_cluster.Cluster._run)
         log.info('master: speechID=%s accepted from %s (%s)', sid, conn.name if conn is not None else source,
                  _safepath.text(job.candidates[0]))
         return task

@@ -56,15 +56,17 @@ class Gated:
         kept = sum(length for _, _, length in self.spans)
         return kept / self.source_samples if self.source_samples else 0.0
 
+    def span_at(self, samples):
+        """Index of the span holding a position in the engine's PCM (the spans lie end to end
+        from 0 there; a position past the last is the last's)."""
+        return max(0, bisect.bisect_right(self.spans, (samples, float('inf'))) - 1)
+
     def to_source(self, samples):
         """A position in the engine's PCM (samples) as a position in the source."""
-        for dst, src, length in self.spans:
-            if samples < dst + length:
-                return src + max(0, samples - dst)
         if not self.spans:
             return samples
-        dst, src, length = self.spans[-1]
-        return src + length
+        dst, src, length = self.spans[self.span_at(samples)]
+        return src + min(length, max(0, samples - dst))
 
 
 def _frame_levels(samples, frame):
@@ -184,17 +186,12 @@ def gate(channels, rate, settings):
 
 def _remap(rec, gated, rate):
     """`rec` of the gated PCM put back on the source's timeline, utterance by utterance."""
-    starts = [dst for dst, _, _ in gated.spans]
-
-    def span_at(samples):
-        return max(0, bisect.bisect_right(starts, samples) - 1)
-
     def place(w):
         a, b = int(round(w.start * rate)), int(round(w.end * rate))
         # A word the engine heard across a join (the end of one region and the start of the
         # next) lies in the one that holds most of it: on the source's timeline the pause
         # between them, which it never heard, is not part of it.
-        first, last = span_at(a), span_at(max(a, b - 1))
+        first, last = gated.span_at(a), gated.span_at(max(a, b - 1))
         if first < last:
             _, dst, length = max((min(b, dst + length) - max(a, dst), dst, length)
                                  for dst, _, length in gated.spans[first:last + 1])
