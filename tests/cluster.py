@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import psutil
 import pymysql
 
-from conftest import FIXTURES, INI_TEMPLATE, Client, Daemon, transcribe_req, wait_for
+from conftest import FIXTURES, INI_TEMPLATE, Client, Daemon, record_lines, transcribe_req, wait_for
 from helpers import Proxy, Receiver, db_section, free_port, monitor, query, server_connection
 from legacy_engine import LegacyEngine
 
@@ -114,8 +114,7 @@ class Node(Daemon):
     def records(self):
         out = []
         for path in self.record_files():
-            with open(path, encoding='utf-8') as f:
-                out.extend(json.loads(line) for line in f if line.strip())
+            out.extend(record_lines(path))
         return out
 
     def alive(self):

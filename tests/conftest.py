@@ -129,6 +129,13 @@ engine_concurrency = {engine_concurrency}
 """
 
 
+def record_lines(path):
+    """The records of a records file as far as they are written: a last line without its newline
+    is one the reporter is still writing (a reader can see part of a write), not a torn record."""
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.endswith('\n') and line.strip()]
+
+
 class Daemon:
     """A real svcmgr daemon in its own folder, started and stopped with svcmgr.py."""
 
@@ -216,8 +223,7 @@ class Daemon:
     def records(self):
         out = []
         for path in sorted(glob.glob(os.path.join(self.base, 'records', '*.json'))):
-            with open(path, encoding='utf-8') as f:
-                out.extend(json.loads(line) for line in f if line.strip())
+            out.extend(record_lines(path))
         return out
 
     def wait_records(self, n, timeout=60):

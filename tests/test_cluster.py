@@ -18,7 +18,7 @@ import requests
 
 import _config
 from cluster import sigkill as kill
-from conftest import FIXTURES, ROOT, transcribe_req, wait_for
+from conftest import FIXTURES, ROOT, record_lines, transcribe_req, wait_for
 from helpers import Closing, Proxy, Receiver, db_section, monitor, query
 from legacy_engine import LegacyEngine
 from test_safety_records import fill, tmpfs  # noqa: F401 (a fixture)
@@ -873,8 +873,7 @@ def shared_records(shared, name):
     """The record lines node `name` wrote to <shared_path>/records/<name>/."""
     out = []
     for path in sorted(glob.glob(os.path.join(shared, 'records', name, '*.json'))):
-        with open(path, encoding='utf-8') as f:
-            out.extend(json.loads(line) for line in f if line.strip())
+        out.extend(record_lines(path))
     return out
 
 
