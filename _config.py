@@ -167,10 +167,10 @@ vad_min_dbfs = float(min=-96, max=0, default=-45)
 # Audio kept before and after each region (quiet onsets need more before), and pauses
 # inside speech kept as they are.
 vad_padding_secs = float(min=0, max=5, default=0.3)
-vad_padding_after_secs = float(min=0, max=5, default=0.12)
+vad_padding_after_secs = float(min=0, max=5, default=0.06)
 # Onset (regions after a channel's first): the start moves back over the frames WebRTC's VAD
 # in this mode still calls voice, then vad_lead_secs more, vad_padding_secs at most; -1 = off.
-vad_onset_aggressiveness = integer(min=-1, max=3, default=-1)
+vad_onset_aggressiveness = integer(min=-1, max=3, default=0)
 vad_lead_secs = float(min=0, max=5, default=0.1)
 vad_bridge_secs = float(min=0, max=10, default=0.5)
 # Bursts shorter than this are clicks, not words.

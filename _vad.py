@@ -23,11 +23,11 @@ class VadSettings:
     frame_ms: int = 30              # 10, 20 or 30
     min_dbfs: float = -45.0         # frames quieter than this are silence, whatever the VAD says
     padding_secs: float = 0.3       # kept before each region: quiet onsets (/h/) the VAD misses
-    padding_after_secs: float = 0.12    # kept after each region
+    padding_after_secs: float = 0.06    # kept after each region
     # Onset of each region after a channel's first (which nothing leads into in the engine's
     # stream): its start moves back over the frames a lenient VAD (this mode) still calls
     # voice, then by lead_secs of lead-in, padding_secs at most. -1: padding_secs always.
-    onset_aggressiveness: int = -1
+    onset_aggressiveness: int = 0
     lead_secs: float = 0.1
     min_speech_secs: float = 0.12   # shorter bursts (clicks) are dropped
     bridge_secs: float = 0.5        # silences shorter than this inside speech are kept as they are

@@ -12,7 +12,7 @@ the same model (call sets made by tests/callsets.py):
    worker's private memory after a run of calls each way;
 4. MP3 CPU per audio second, PyAV's libmp3lame vs lameenc, with each one's SNR.
 
-Usage: .venv/bin/python bench/speed.py [--calls N] [--skip engine,daemon,reuse,mp3]
+Usage: .venv/bin/python bench/speed.py [--calls N] [--reps N] [--rounds N] [--skip engine,vosk,daemon,reuse,mp3]
 """
 import argparse
 import os
@@ -43,8 +43,9 @@ from conftest import Daemon, transcribe_req  # noqa: E402
 CALLS = os.path.join(tempfile.gettempdir(), 'svcmgr-callsets')
 
 
-def engine_cpu(engine, calls, label):
-    """Alternates VAD off and on per call, so both see the same machine load."""
+def engine_cpu(engine, calls, label, reps=2):
+    """Alternates VAD off and on per call, `reps` times in turn (off first, then on first),
+    so both see the same machine load; words are those of the first pass."""
     on = _vad.VadSettings()
     off = _vad.VadSettings(enabled=False)
     cpu = {False: 0.0, True: 0.0}
@@ -55,17 +56,19 @@ def engine_cpu(engine, calls, label):
         audio += prepared.duration * len(prepared.engine_pcm)
         for gated in _vad.gate(prepared.engine_pcm, engine.sample_rate, on):
             kept += gated.kept_share * gated.source_samples / engine.sample_rate
-        for settings in (off, on):
-            t = time.process_time()
-            recs = _vad.recognize(engine, prepared.engine_pcm, settings)
-            cpu[settings.enabled] += time.process_time() - t
-            for channel, rec in zip('AB', recs):
-                refs[settings.enabled].append(call.said[channel])
-                hyps[settings.enabled].append(rec.text)
+        for rep in range(reps):
+            for settings in (off, on) if rep % 2 == 0 else (on, off):
+                t = time.process_time()
+                recs = _vad.recognize(engine, prepared.engine_pcm, settings)
+                cpu[settings.enabled] += time.process_time() - t
+                for channel, rec in zip('AB', recs if rep == 0 else ()):
+                    refs[settings.enabled].append(call.said[channel])
+                    hyps[settings.enabled].append(rec.text)
     wer = {k: jiwer.wer(refs[k], hyps[k]) for k in cpu}
     cer = {k: jiwer.cer(refs[k], hyps[k]) for k in cpu}
     print('%-22s %6.0f audio s  VAD keeps %4.1f %%  engine CPU/audio s off %.4f on %.4f  ratio %.2fx'
-          % (label, audio, 100 * kept / audio, cpu[False] / audio, cpu[True] / audio, cpu[True] / cpu[False]))
+          % (label, audio, 100 * kept / audio, cpu[False] / audio / reps, cpu[True] / audio / reps,
+             cpu[True] / cpu[False]))
     print('%-22s WER off %.1f %% on %.1f %% (%+.1f)   CER off %.1f %% on %.1f %%'
           % ('', 100 * wer[False], 100 * wer[True], 100 * (wer[True] - wer[False]),
              100 * cer[False], 100 * cer[True]))
@@ -220,6 +223,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--calls', type=int, default=None, help='calls per set (default: all)')
     ap.add_argument('--rounds', type=int, default=1, help='daemon rounds, each way')
+    ap.add_argument('--reps', type=int, default=2, help='engine decodes of each call, each way')
     ap.add_argument('--skip', default='', help='comma-separated: engine,vosk,daemon,reuse,mp3')
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(',')))
@@ -230,12 +234,12 @@ def main():
     if 'engine' not in skip:
         ps = _engine.PocketSphinxEngine()
         ps.load()
-        engine_cpu(ps, sets['stereo'], 'pocketsphinx stereo')
-        engine_cpu(ps, sets['mono'], 'pocketsphinx mono')
+        engine_cpu(ps, sets['stereo'], 'pocketsphinx stereo', args.reps)
+        engine_cpu(ps, sets['mono'], 'pocketsphinx mono', args.reps)
     if 'vosk' not in skip:
         vosk = _engine.VoskEngine('ko')
         vosk.load()
-        engine_cpu(vosk, sets['ko_stereo'], 'vosk ko stereo')
+        engine_cpu(vosk, sets['ko_stereo'], 'vosk ko stereo', args.reps)
         del vosk
     if 'reuse' not in skip:
         recognizer_reuse(sets['ko_short'], 3)

@@ -26,12 +26,22 @@ def sphinx():
 @pytest.fixture(scope='module')
 def calls(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('calls'))
-    return {'stereo': callsets.make(folder, 'stereo', 1), 'mono': callsets.make(folder, 'mono', 1)}
+    # The whole mono set (3 calls, 255 s): on one call of 132 words, a word more or less at
+    # one join moves its WER by 0.8 points, more than the bound.
+    return {'stereo': callsets.make(folder, 'stereo', 1), 'mono': callsets.make(folder, 'mono')}
 
 
 def speech(name='en_hello.wav'):
     pcm = _audio.prepare(os.path.join(FIXTURES, name), RATE).engine_pcm[0]
     return np.frombuffer(pcm, dtype='<i2').astype(np.float64)
+
+
+def audible_end(samples, floor_dbfs=-50.0):
+    """Where the last 10 ms louder than floor_dbfs ends (a recording's silent tail,
+    quieter than the hiss the tests add, is not part of its voice)."""
+    frames = samples[:len(samples) // 160 * 160].reshape(-1, 160)
+    levels = 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1)) / 32768 + 1e-9)
+    return (int(np.nonzero(levels >= floor_dbfs)[0][-1]) + 1) * 160
 
 
 def pcm_of(samples):
@@ -50,7 +60,8 @@ def test_only_speech_reaches_the_engine_and_times_map_back(sphinx):
     gated, = _vad.gate([pcm_of(signal)], RATE, _vad.VadSettings())
     assert gated.kept_share < 0.5
     (dst, src, length), = gated.spans
-    assert src <= at and src + length >= at + len(voice)
+    # The fixture ends in 0.11 s at -60 dBFS, under the hiss: that tail may be left out.
+    assert src <= at and src + length >= at + audible_end(voice) > at + len(voice) - 0.15 * RATE
     assert gated.to_source(dst + 100) == src + 100
     alone = sphinx.recognize(pcm_of(voice))
     assert alone.text == 'hello customer how can i help you'
@@ -128,7 +139,8 @@ def test_call_sets_accuracy_with_and_without_vad(sphinx, calls):
     print('WER without/with VAD %s; words off speech %s' % (wer, off_speech))
     # Issue 17: with the gate, at most 0.5 points of WER more than without, on both sets.
     # pocketsphinx with deterministic = true gives the same words on every run. Before the
-    # kept parts were heard with the channel's cepstral mean, mono measured +1.6 points.
+    # kept parts were heard with the channel's cepstral mean, one mono call measured +1.6
+    # points; on the mono set, 27.9 % without the gate and 27.2 % with it (2026-12-01).
     assert wer['stereo'][True] <= wer['stereo'][False] + 0.005
     assert wer['mono'][True] <= wer['mono'][False] + 0.005
     # Times stay on the speech: at most 2 % of the words more than 0.15 s away from it.
@@ -202,8 +214,9 @@ def test_onset_moves_back_only_as_far_as_the_lenient_vad_hears_voice():
     for a in at:
         signal[a:a + len(voice)] += voice
     pcm = pcm_of(signal)
-    fixed = _vad.VadSettings()
-    onset = _vad.VadSettings(onset_aggressiveness=0, lead_secs=0.1)
+    fixed = _vad.VadSettings(onset_aggressiveness=-1)
+    onset = _vad.VadSettings()      # the default: mode 0, 0.1 s of lead
+    assert (onset.onset_aggressiveness, onset.lead_secs) == (0, 0.1)
     strict, frame = _vad.speech_flags([pcm], RATE, fixed)
     firsts = [first * frame for first, _ in _vad._runs(strict[0])]
     assert len(firsts) == 2
