@@ -26,8 +26,8 @@ def sphinx():
 @pytest.fixture(scope='module')
 def calls(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('calls'))
-    # The whole mono set (3 calls, 255 s): on one call of 132 words, a word more or less at
-    # one join moves its WER by 0.8 points, more than the bound.
+    # The whole mono set (3 calls, 255 s): on its first call (125 words), a word more or
+    # less at one join moves its WER by 0.8 points, more than the bound.
     return {'stereo': callsets.make(folder, 'stereo', 1), 'mono': callsets.make(folder, 'mono')}
 
 
