@@ -61,7 +61,9 @@ def engine_cpu(engine, calls, label, reps=2):
                 t = time.process_time()
                 recs = _vad.recognize(engine, prepared.engine_pcm, settings)
                 cpu[settings.enabled] += time.process_time() - t
-                for channel, rec in zip('AB', recs if rep == 0 else ()):
+                if rep > 0:
+                    continue
+                for channel, rec in zip('AB', recs):
                     refs[settings.enabled].append(call.said[channel])
                     hyps[settings.enabled].append(rec.text)
     wer = {k: jiwer.wer(refs[k], hyps[k]) for k in cpu}

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import psutil
 import pymysql
 
-from conftest import FIXTURES, INI_TEMPLATE, Client, Daemon, record_lines, transcribe_req, wait_for
+from conftest import FIXTURES, INI_TEMPLATE, Client, Daemon, records_in, transcribe_req, wait_for
 from helpers import Proxy, Receiver, db_section, free_port, monitor, query, server_connection
 from legacy_engine import LegacyEngine
 
@@ -112,10 +112,7 @@ class Node(Daemon):
                       glob.glob(os.path.join(self.cluster.shared, 'records', self.name, '*.json')))
 
     def records(self):
-        out = []
-        for path in self.record_files():
-            out.extend(record_lines(path))
-        return out
+        return records_in(self.record_files())
 
     def alive(self):
         pid = self.pid

@@ -129,11 +129,15 @@ engine_concurrency = {engine_concurrency}
 """
 
 
-def record_lines(path):
-    """The records of a records file as far as they are written: a last line without its newline
-    is one the reporter is still writing (a reader can see part of a write), not a torn record."""
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.endswith('\n') and line.strip()]
+def records_in(paths):
+    """The records of these records files as far as they are written: a last line without its
+    newline is one the reporter is still writing (a reader can see part of a write), not a torn
+    record."""
+    out = []
+    for path in paths:
+        with open(path, encoding='utf-8') as f:
+            out.extend(json.loads(line) for line in f if line.endswith('\n') and line.strip())
+    return out
 
 
 class Daemon:
@@ -221,10 +225,7 @@ class Daemon:
         return Client(self.port, **kw)
 
     def records(self):
-        out = []
-        for path in sorted(glob.glob(os.path.join(self.base, 'records', '*.json'))):
-            out.extend(record_lines(path))
-        return out
+        return records_in(sorted(glob.glob(os.path.join(self.base, 'records', '*.json'))))
 
     def wait_records(self, n, timeout=60):
         return wait_for(lambda: len(self.records()) >= n and self.records(), timeout, '%d records' % n)

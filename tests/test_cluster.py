@@ -18,7 +18,7 @@ import requests
 
 import _config
 from cluster import sigkill as kill
-from conftest import FIXTURES, ROOT, record_lines, transcribe_req, wait_for
+from conftest import FIXTURES, ROOT, records_in, transcribe_req, wait_for
 from helpers import Closing, Proxy, Receiver, db_section, monitor, query
 from legacy_engine import LegacyEngine
 from test_safety_records import fill, tmpfs  # noqa: F401 (a fixture)
@@ -871,10 +871,7 @@ def http_node(node, shared, name, **opts):
 
 def shared_records(shared, name):
     """The record lines node `name` wrote to <shared_path>/records/<name>/."""
-    out = []
-    for path in sorted(glob.glob(os.path.join(shared, 'records', name, '*.json'))):
-        out.extend(record_lines(path))
-    return out
+    return records_in(sorted(glob.glob(os.path.join(shared, 'records', name, '*.json'))))
 
 
 def web_up(d):

@@ -39,8 +39,7 @@ def speech(name='en_hello.wav'):
 def audible_end(samples, floor_dbfs=-50.0):
     """Where the last 10 ms louder than floor_dbfs ends (a recording's silent tail,
     quieter than the hiss the tests add, is not part of its voice)."""
-    frames = samples[:len(samples) // 160 * 160].reshape(-1, 160)
-    levels = 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1)) / 32768 + 1e-9)
+    levels = _vad._frame_levels(samples, 160)
     return (int(np.nonzero(levels >= floor_dbfs)[0][-1]) + 1) * 160
 
 
